@@ -1,0 +1,310 @@
+// CPU recurrence driver: runs the whole time loop of one layer and direction, forward or
+// backward, for any cell policy from cells.h. Torch-free; the caller supplies the GEMM.
+//
+// Parallel scheme (weight-stationary): one OpenMP team lives for the whole sequence. Each
+// thread owns a slice of hidden units across all gates, keeps its repacked slice of W_hh
+// hot in its own cache, runs its GEMM tile and then the gate math for that slice, and the
+// team meets once per step at a spin barrier (twice with a projection).
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <thread>
+
+#include "../cells.h"
+#include "../params.h"
+
+namespace fastrnn {
+namespace cpu {
+
+// Row-major GEMM the caller provides:
+//   C[M, N] = alpha * op(A)[M, K] * op(B)[K, N] + beta * C, op = transpose when flagged.
+// Signature: gemm(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc).
+
+class SpinBarrier {
+ public:
+  void reset(int n) {
+    n_ = n;
+    count_.store(0, std::memory_order_relaxed);
+  }
+  void wait() {
+    if (n_ <= 1) return;
+    const int gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    // Spin briefly (steps are microseconds apart), then yield so an oversubscribed
+    // machine still makes progress.
+    for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins > 2000) std::this_thread::yield();
+    }
+  }
+
+ private:
+  int n_ = 1;
+  std::atomic<int> count_{0};
+  std::atomic<int> gen_{0};
+};
+
+struct Team {
+  int rank = 0, size = 1;
+  SpinBarrier* barrier = nullptr;
+  void sync() const { barrier->wait(); }
+};
+
+struct Range {
+  int64_t begin, end;
+  int64_t size() const { return end - begin; }
+};
+
+// Split n units into `parts` contiguous ranges in blocks of 16 (one cache line of floats),
+// so threads never share a line of the state they write.
+inline Range split(int64_t n, int parts, int k) {
+  const int64_t blocks = (n + 15) / 16;
+  return {std::min(n, blocks * k / parts * 16), std::min(n, blocks * (k + 1) / parts * 16)};
+}
+
+template <class T>
+inline int64_t forward_workspace(const ForwardParams<T>& p, int gates) {
+  const int64_t GH = gates * p.H;
+  return GH * p.P + p.B * GH + 2 * p.B * p.P + 3 * p.B * p.H;
+}
+
+template <class T>
+inline int64_t backward_workspace(const BackwardParams<T>& p) {
+  return p.w_hr ? p.B * p.H : 0;
+}
+
+inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
+
+inline bool valid(const int64_t* lengths, int64_t b, int64_t t) {
+  return lengths == nullptr || t < lengths[b];
+}
+
+template <class Cell, class T, class Gemm>
+void forward_team(const ForwardParams<T>& p, const Gemm& gemm, T* ws, const Team& team) {
+  constexpr int G = Cell::kGates, S = Cell::kSaved;
+  const int64_t Tn = p.T, B = p.B, H = p.H, P = p.P, GH = G * H;
+  const bool proj = p.w_hr != nullptr, saving = p.saving();
+  const Range hr = split(H, team.size, team.rank);
+  const Range pr = proj ? split(P, team.size, team.rank) : hr;
+  const int64_t j0 = hr.begin, j1 = hr.end, hs = hr.size();
+
+  // Workspace:
+  T* wpack = ws;             // [G*H, P] W_hh rows regrouped: thread slice at rows [G*j0, G*j1),
+                             //          gate-major [G, hs, P] within it
+  T* gh = wpack + GH * P;    // [B, G*H] recurrent pre-activations, per-thread blocks [B, G*hs]
+  T* hbuf = gh + B * GH;     // [2, B, P] ping-pong state (inference)
+  T* cbuf = hbuf + 2 * B * P;  // [2, B, H] ping-pong cell state (inference)
+  T* mbuf = cbuf + 2 * B * H;  // [B, H] output before projection (inference)
+  T* my_w = wpack + G * j0 * P;
+  T* my_gh = gh + B * G * j0;
+
+  for (int k = 0; k < G; ++k)
+    for (int64_t j = j0; j < j1; ++j)
+      std::copy_n(p.w_hh + (k * H + j) * P, P, my_w + (k * hs + j - j0) * P);
+
+  auto state = [&](int64_t s, const T* init, T* last, T* saved, T* buf, int64_t n) -> T* {
+    // State entering step s (s in [0, T]); step T's "entering" state is the final one.
+    if (s == Tn) return last;
+    if (s == 0) return const_cast<T*>(init);
+    return saved ? saved + time_of(s, Tn, p.reverse) * B * n : buf + (s % 2) * B * n;
+  };
+
+  for (int64_t s = 0; s < Tn; ++s) {
+    const int64_t t = time_of(s, Tn, p.reverse);
+    const T* hin = state(s, p.h0, p.h_n, p.hprev, hbuf, P);
+    T* hout = state(s + 1, p.h0, p.h_n, p.hprev, hbuf, P);
+    const T* cin = Cell::kHasCell ? state(s, p.c0, p.c_n, p.cprev, cbuf, H) : nullptr;
+    T* cout = Cell::kHasCell ? state(s + 1, p.c0, p.c_n, p.cprev, cbuf, H) : nullptr;
+    T* mout = proj ? (saving ? p.m + t * B * H : mbuf) : nullptr;
+    T* yt = p.y + t * B * P;
+
+    if (s == 0 && saving) {  // keep the initial state where backward looks for it
+      for (int64_t b = 0; b < B; ++b) {
+        std::copy(p.h0 + b * P + pr.begin, p.h0 + b * P + pr.end, p.hprev + (t * B + b) * P + pr.begin);
+        if (Cell::kHasCell)
+          std::copy(p.c0 + b * H + j0, p.c0 + b * H + j1, p.cprev + (t * B + b) * H + j0);
+      }
+    }
+
+    if (hs > 0) gemm(false, true, B, G * hs, P, T(1), hin, P, my_w, P, T(0), my_gh, G * hs);
+
+    for (int64_t b = 0; b < B; ++b) {
+      if (!valid(p.lengths, b, t)) {  // finished (or not yet started) row: state passes through
+        if (Cell::kHasCell) std::copy(cin + b * H + j0, cin + b * H + j1, cout + b * H + j0);
+        if (!proj) {
+          std::copy(hin + b * P + j0, hin + b * P + j1, hout + b * P + j0);
+          std::fill(yt + b * P + j0, yt + b * P + j1, T(0));
+        }
+        continue;
+      }
+      const T* xrow = p.gx + (t * B + b) * GH;
+      const T* hrow = my_gh + b * G * hs;
+      T* srow = saving ? p.gates + (t * B + b) * S * H : nullptr;
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) {
+        T xg[G], hg[G], sv[S], h, c = T(0);
+        for (int k = 0; k < G; ++k) {
+          xg[k] = xrow[k * H + j];
+          hg[k] = hrow[k * hs + j - j0] + (p.b_hh ? p.b_hh[k * H + j] : T(0));
+        }
+        const T hp = Cell::kUsesPrevH ? hin[b * P + j] : T(0);
+        const T cp = Cell::kHasCell ? cin[b * H + j] : T(0);
+        Cell::forward(xg, hg, hp, cp, h, c, sv);
+        if (saving)
+          for (int k = 0; k < S; ++k) srow[k * H + j] = sv[k];
+        if (Cell::kHasCell) cout[b * H + j] = c;
+        if (proj) {
+          mout[b * H + j] = h;
+        } else {
+          hout[b * P + j] = h;
+          yt[b * P + j] = h;
+        }
+      }
+    }
+    team.sync();
+
+    if (proj) {  // h = m W_hr^T, split over the P outputs
+      const int64_t p0 = pr.begin, ps = pr.size();
+      if (ps > 0) gemm(false, true, B, ps, H, T(1), mout, H, p.w_hr + p0 * H, H, T(0), hout + p0, P);
+      for (int64_t b = 0; b < B; ++b) {
+        T* hrow = hout + b * P;
+        if (valid(p.lengths, b, t)) {
+          std::copy(hrow + p0, hrow + pr.end, yt + b * P + p0);
+        } else {
+          std::copy(hin + b * P + p0, hin + b * P + pr.end, hrow + p0);
+          std::fill(yt + b * P + p0, yt + b * P + pr.end, T(0));
+        }
+      }
+      team.sync();
+    }
+  }
+}
+
+template <class Cell, class T, class Gemm>
+void backward_team(const BackwardParams<T>& p, const Gemm& gemm, T* ws, const Team& team) {
+  constexpr int G = Cell::kGates, S = Cell::kSaved;
+  const int64_t Tn = p.T, B = p.B, H = p.H, P = p.P, GH = G * H;
+  const bool proj = p.w_hr != nullptr;
+  const Range hr = split(H, team.size, team.rank);
+  const Range pr = proj ? split(P, team.size, team.rank) : hr;
+  const int64_t j0 = hr.begin, j1 = hr.end, hs = hr.size();
+  const int64_t p0 = pr.begin, ps = pr.size();
+  T* dm = ws;  // [B, H] dL/d(output before projection), proj only
+  T* dh = p.dh;
+  T* dc = p.dc;
+
+  for (int64_t s = Tn - 1; s >= 0; --s) {
+    const int64_t t = time_of(s, Tn, p.reverse);
+
+    // Phase A (P slice): total gradient w.r.t. this step's output h.
+    for (int64_t b = 0; b < B; ++b) {
+      const bool v = valid(p.lengths, b, t);
+      if (v && p.dy)
+        for (int64_t q = p0; q < pr.end; ++q) dh[b * P + q] += p.dy[(t * B + b) * P + q];
+      if (proj)
+        for (int64_t q = p0; q < pr.end; ++q) p.dhtot[(t * B + b) * P + q] = v ? dh[b * P + q] : T(0);
+    }
+    const T* dout = dh;  // gradient w.r.t. the cell output, ld = P (== H without projection)
+    int64_t ld = P;
+    if (proj) {
+      team.sync();
+      if (hs > 0) gemm(false, false, B, hs, P, T(1), dh, P, p.w_hr + j0, H, T(0), dm + j0, H);
+      dout = dm;
+      ld = H;
+    }
+
+    // Phase B (H slice): gate gradients.
+    for (int64_t b = 0; b < B; ++b) {
+      T* gx = p.dgx + (t * B + b) * GH;
+      T* gh = p.dgh + (t * B + b) * GH;
+      if (!valid(p.lengths, b, t)) {  // padded: no gradient; dh, dc pass through
+        for (int k = 0; k < G; ++k) {
+          std::fill(gx + k * H + j0, gx + k * H + j1, T(0));
+          if (Cell::kSplitGrad) std::fill(gh + k * H + j0, gh + k * H + j1, T(0));
+        }
+        continue;
+      }
+      const T* srow = p.gates + (t * B + b) * S * H;
+      const T* hprow = p.hprev + (t * B + b) * P;
+      const T* cprow = Cell::kHasCell ? p.cprev + (t * B + b) * H : nullptr;
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) {
+        T sv[S], dgx[G], dgh[G], dhp;
+        for (int k = 0; k < S; ++k) sv[k] = srow[k * H + j];
+        const T hp = Cell::kUsesPrevH ? hprow[j] : T(0);
+        const T cp = Cell::kHasCell ? cprow[j] : T(0);
+        T dcv = Cell::kHasCell ? dc[b * H + j] : T(0);
+        Cell::backward(sv, hp, cp, dout[b * ld + j], dcv, dgx, dgh, dhp);
+        for (int k = 0; k < G; ++k) gx[k * H + j] = dgx[k];
+        if (Cell::kSplitGrad)
+          for (int k = 0; k < G; ++k) gh[k * H + j] = dgh[k];
+        if (Cell::kHasCell) dc[b * H + j] = dcv;
+        if (!proj) dh[b * P + j] = dhp;  // the GEMM below adds the W_hh part
+      }
+    }
+    team.sync();
+
+    // Phase C (P slice): dh_prev = direct part + dgh W_hh. Padded rows have dgh = 0 and
+    // keep dh as it was, so the gradient passes through them unchanged.
+    if (proj)
+      for (int64_t b = 0; b < B; ++b)
+        if (valid(p.lengths, b, t)) std::fill(dh + b * P + p0, dh + b * P + pr.end, T(0));
+    if (ps > 0)
+      gemm(false, false, B, ps, GH, T(1), p.dgh + t * B * GH, GH, p.w_hh + p0, P, T(1), dh + p0, P);
+  }
+}
+
+// Threads worth using: about 64K multiply-adds per thread per step, at most max_threads.
+inline int team_size(int64_t B, int64_t GH, int64_t P, int max_threads) {
+  const int64_t work = std::max<int64_t>(B, 1) * GH * P / 65536;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads, work)));
+}
+
+template <class Fn>
+void run_team(int nthreads, Fn&& fn) {
+  SpinBarrier barrier;
+#pragma omp parallel num_threads(nthreads)
+  {
+#pragma omp single
+    barrier.reset(omp_get_num_threads());  // the runtime may give fewer threads than asked
+    fn(Team{omp_get_thread_num(), omp_get_num_threads(), &barrier});
+  }
+}
+
+template <class Fn>
+void dispatch_cell(CellKind kind, Fn&& fn) {
+  switch (kind) {
+    case CellKind::LSTM: fn(Lstm{}); break;
+    case CellKind::GRU: fn(Gru{}); break;
+    case CellKind::RNN_TANH: fn(Rnn<false>{}); break;
+    case CellKind::RNN_RELU: fn(Rnn<true>{}); break;
+  }
+}
+
+template <class T, class Gemm>
+void forward(CellKind kind, const ForwardParams<T>& p, const Gemm& gemm, T* ws, int max_threads) {
+  dispatch_cell(kind, [&](auto cell) {
+    using Cell = decltype(cell);
+    run_team(team_size(p.B, Cell::kGates * p.H, p.P, max_threads),
+             [&](const Team& team) { forward_team<Cell>(p, gemm, ws, team); });
+  });
+}
+
+template <class T, class Gemm>
+void backward(CellKind kind, const BackwardParams<T>& p, const Gemm& gemm, T* ws, int max_threads) {
+  dispatch_cell(kind, [&](auto cell) {
+    using Cell = decltype(cell);
+    run_team(team_size(p.B, Cell::kGates * p.H, p.P, max_threads),
+             [&](const Team& team) { backward_team<Cell>(p, gemm, ws, team); });
+  });
+}
+
+}  // namespace cpu
+}  // namespace fastrnn

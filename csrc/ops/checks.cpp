@@ -1,0 +1,133 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+namespace fastrnn {
+namespace {
+
+void check_same(const at::Tensor& x, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastrnn: ", name, " has dtype ",
+              t.scalar_type(), " but input x has dtype ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "fastrnn: ", name, " is on ", t.device(),
+              " but input x is on ", x.device());
+}
+
+void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, "fastrnn: ", name, " must have shape ", expected,
+              ", got ", t.sizes());
+}
+
+}  // namespace
+
+CellKind parse_cell(const std::string& cell) {
+  if (cell == "lstm") return CellKind::LSTM;
+  if (cell == "gru") return CellKind::GRU;
+  if (cell == "rnn_tanh") return CellKind::RNN_TANH;
+  if (cell == "rnn_relu") return CellKind::RNN_RELU;
+  TORCH_CHECK(false, "fastrnn: unknown cell '", cell,
+              "'; expected one of 'lstm', 'gru', 'rnn_tanh', 'rnn_relu'");
+}
+
+Shapes check_forward(const std::string& cell, const at::Tensor& x, const at::Tensor& h0,
+                     const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+                     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
+                     const c10::optional<at::Tensor>& lengths) {
+  Shapes s{};
+  s.kind = parse_cell(cell);
+  s.G = gates_of(s.kind);
+  s.S = saved_of(s.kind);
+  const bool lstm = s.kind == CellKind::LSTM;
+
+  TORCH_CHECK(x.dim() == 3, "fastrnn: x must be 3-D [seq_len, batch, input_size], got ",
+              x.dim(), "-D with shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                  (x.is_cuda() && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16)),
+              "fastrnn: unsupported dtype ", x.scalar_type(), " on ", x.device(),
+              " (CPU supports float32 and float64)");
+  s.T = x.size(0);
+  s.B = x.size(1);
+  s.I = x.size(2);
+
+  TORCH_CHECK(w_hh.dim() == 2, "fastrnn: w_hh must be 2-D [gates*hidden_size, state_size], got ",
+              w_hh.dim(), "-D");
+  TORCH_CHECK(w_hh.size(0) % s.G == 0 && w_hh.size(0) > 0, "fastrnn: w_hh has ", w_hh.size(0),
+              " rows, which is not a positive multiple of ", s.G, " gates for cell '", cell, "'");
+  s.H = w_hh.size(0) / s.G;
+  s.P = w_hh.size(1);
+  check_same(x, w_hh, "w_hh");
+  check_shape(w_ih, {s.G * s.H, s.I}, "w_ih");
+  check_same(x, w_ih, "w_ih");
+
+  const at::Tensor* whr = opt(w_hr);
+  TORCH_CHECK(!whr || lstm, "fastrnn: w_hr (projection) is only supported for cell 'lstm'");
+  s.proj = whr != nullptr;
+  if (s.proj) {
+    check_shape(*whr, {s.P, s.H}, "w_hr");
+    check_same(x, *whr, "w_hr");
+    TORCH_CHECK(s.P < s.H, "fastrnn: proj_size (", s.P, ") must be smaller than hidden_size (",
+                s.H, ")");
+  } else {
+    TORCH_CHECK(s.P == s.H, "fastrnn: w_hh must have shape [", s.G * s.H, ", ", s.H, "], got ",
+                w_hh.sizes());
+  }
+  for (auto [b, name] : {std::make_pair(opt(b_ih), "b_ih"), std::make_pair(opt(b_hh), "b_hh")}) {
+    if (!b) continue;
+    check_shape(*b, {s.G * s.H}, name);
+    check_same(x, *b, name);
+  }
+
+  TORCH_CHECK(h0.dim() == 2, "fastrnn: h0 must be 2-D [batch, hidden_size], got ", h0.dim(), "-D");
+  check_shape(h0, {s.B, s.P}, "h0");
+  check_same(x, h0, "h0");
+  const at::Tensor* c = opt(c0);
+  if (lstm) {
+    TORCH_CHECK(c, "fastrnn: cell 'lstm' needs c0");
+    TORCH_CHECK(c->dim() == 2, "fastrnn: c0 must be 2-D [batch, hidden_size], got ", c->dim(), "-D");
+    check_shape(*c, {s.B, s.H}, "c0");
+    check_same(x, *c, "c0");
+  } else {
+    TORCH_CHECK(!c, "fastrnn: c0 is only used by cell 'lstm'");
+  }
+
+  if (const at::Tensor* len = opt(lengths)) {
+    TORCH_CHECK(len->scalar_type() == at::kLong, "fastrnn: lengths must be int64, got ",
+                len->scalar_type());
+    TORCH_CHECK(len->dim() == 1 && len->size(0) == s.B, "fastrnn: lengths must have shape [",
+                s.B, "] (one length per batch entry), got ", len->sizes());
+    TORCH_CHECK(len->device() == x.device(), "fastrnn: lengths is on ", len->device(),
+                " but input x is on ", x.device());
+  }
+  return s;
+}
+
+Shapes check_backward(const std::string& cell, const at::Tensor& x, const at::Tensor& w_ih,
+                      const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr,
+                      const at::Tensor& gates, const at::Tensor& hprev) {
+  Shapes s{};
+  s.kind = parse_cell(cell);
+  s.G = gates_of(s.kind);
+  s.S = saved_of(s.kind);
+  TORCH_CHECK(x.dim() == 3 && w_hh.dim() == 2 && w_ih.dim() == 2,
+              "fastrnn: backward got inputs of the wrong rank");
+  s.T = x.size(0);
+  s.B = x.size(1);
+  s.I = x.size(2);
+  s.H = w_hh.size(0) / s.G;
+  s.P = w_hh.size(1);
+  s.proj = opt(w_hr) != nullptr;
+  TORCH_CHECK(gates.numel() == s.T * s.B * s.S * s.H && hprev.numel() == s.T * s.B * s.P,
+              "fastrnn: backward needs the state saved by forward, but forward ran with "
+              "save=False (inference); run it with gradients enabled");
+  return s;
+}
+
+void check_length_values(const at::Tensor& lengths, int64_t T) {
+  if (lengths.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(lengths);
+  const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
+  TORCH_CHECK(mn >= 0, "fastrnn: lengths must be non-negative, got ", mn);
+  TORCH_CHECK(mx <= T, "fastrnn: lengths must not exceed the sequence length ", T, ", got ", mx);
+}
+
+}  // namespace fastrnn

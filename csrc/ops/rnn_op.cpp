@@ -1,0 +1,104 @@
+#include "rnn_op.h"
+
+namespace fastrnn {
+namespace {
+
+at::Tensor contig(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+}  // namespace
+
+ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::Tensor& h0,
+                      const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+                      const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                      const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
+                      const c10::optional<at::Tensor>& lengths, bool reverse, bool save) {
+  const Shapes s = check_forward(cell, x_, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+  const bool lstm = s.kind == CellKind::LSTM;
+  if (lengths.has_value() && !x_.is_cuda()) check_length_values(*lengths, s.T);
+
+  LoopTensors a;
+  a.s = s;
+  a.reverse = reverse;
+  const at::Tensor x = x_.contiguous();
+  a.y = at::empty({s.T, s.B, s.P}, x.options());
+  a.h_n = at::empty({s.B, s.P}, x.options());
+  a.c_n = lstm ? at::empty({s.B, s.H}, x.options()) : empty0(x);
+  a.gates = save ? at::empty({s.T, s.B, s.S * s.H}, x.options()) : empty0(x);
+  a.hprev = save ? at::empty({s.T, s.B, s.P}, x.options()) : empty0(x);
+  a.cprev = save && lstm ? at::empty({s.T, s.B, s.H}, x.options()) : empty0(x);
+  a.m = save && s.proj ? at::empty({s.T, s.B, s.H}, x.options()) : empty0(x);
+  ForwardOut out{a.y, a.h_n, a.c_n, a.gates, a.hprev, a.cprev, a.m};
+  if (s.B == 0) return out;
+  if (s.T == 0) {
+    a.h_n.copy_(h0);
+    if (lstm) a.c_n.copy_(*c0);
+    return out;
+  }
+
+  // One large GEMM for the input projection of every step.
+  const at::Tensor x2 = x.view({s.T * s.B, s.I});
+  a.gx = opt(b_ih) ? at::addmm(*b_ih, x2, w_ih.t()) : at::mm(x2, w_ih.t());
+  a.w_hh = w_hh.contiguous();
+  a.b_hh = contig(b_hh);
+  a.w_hr = contig(w_hr);
+  a.h0 = h0.contiguous();
+  a.c0 = contig(c0);
+  a.lengths = contig(lengths);
+  if (x.is_cuda())
+    cuda_forward_loop(a);
+  else
+    cpu_forward_loop(a);
+  return out;
+}
+
+BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>& dy,
+                        const c10::optional<at::Tensor>& dh_n, const c10::optional<at::Tensor>& dc_n,
+                        const at::Tensor& x_, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const c10::optional<at::Tensor>& w_hr,
+                        const c10::optional<at::Tensor>& lengths, const at::Tensor& gates,
+                        const at::Tensor& hprev, const at::Tensor& cprev, const at::Tensor& m,
+                        bool reverse, bool input_grad) {
+  const Shapes s = check_backward(cell, x_, w_ih, w_hh, w_hr, gates, hprev);
+  const bool lstm = s.kind == CellKind::LSTM;
+  const int64_t GH = s.G * s.H, TB = s.T * s.B;
+  const at::Tensor x = x_.contiguous();
+
+  LoopTensors a;
+  a.s = s;
+  a.reverse = reverse;
+  a.dh = opt(dh_n) ? dh_n->contiguous().clone() : at::zeros({s.B, s.P}, x.options());
+  a.dc = !lstm ? empty0(x)
+               : (opt(dc_n) ? dc_n->contiguous().clone() : at::zeros({s.B, s.H}, x.options()));
+  a.dgx = at::empty({s.T, s.B, GH}, x.options());
+  a.dgh = s.kind == CellKind::GRU ? at::empty({s.T, s.B, GH}, x.options()) : a.dgx;
+  a.dhtot = s.proj ? at::empty({s.T, s.B, s.P}, x.options()) : empty0(x);
+  if (TB > 0) {
+    a.w_hh = w_hh.contiguous();
+    a.w_hr = contig(w_hr);
+    a.lengths = contig(lengths);
+    a.dy = contig(dy);
+    a.gates = gates.contiguous();
+    a.hprev = hprev.contiguous();
+    a.cprev = cprev.contiguous();
+    if (x.is_cuda())
+      cuda_backward_loop(a);
+    else
+      cpu_backward_loop(a);
+  }
+
+  // Weight gradients as large GEMMs over all steps at once.
+  const at::Tensor dgx = a.dgx.view({TB, GH}), dgh = a.dgh.view({TB, GH});
+  at::Tensor dx = input_grad ? at::mm(dgx, w_ih).view({s.T, s.B, s.I}) : empty0(x);
+  at::Tensor dw_ih = at::mm(dgx.t(), x.view({TB, s.I}));
+  at::Tensor dw_hh = at::mm(dgh.t(), hprev.contiguous().view({TB, s.P}));
+  at::Tensor db_ih = dgx.sum(0), db_hh = dgh.sum(0);
+  at::Tensor dw_hr = s.proj ? at::mm(a.dhtot.view({TB, s.P}).t(), m.contiguous().view({TB, s.H}))
+                            : empty0(x);
+  return {dx, a.dh, a.dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
+}
+
+}  // namespace fastrnn

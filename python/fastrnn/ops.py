@@ -1,0 +1,78 @@
+"""Python side of the ``torch.ops.fastrnn`` ops: fake (meta) kernels and autograd.
+
+The native library registers the schemas and the CPU/CUDA kernels; shapes for tracing
+and the backward formula's wiring live here, so ``torch.library.opcheck`` and
+``torch.compile(fullgraph=True)`` see complete ops.
+"""
+import torch
+
+from . import _C  # noqa: F401  (loads the native library, registering torch.ops.fastrnn)
+
+_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+_SAVED = {"lstm": 4, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}
+
+forward = torch.ops.fastrnn.forward.default
+backward = torch.ops.fastrnn.backward.default
+
+
+@torch.library.register_fake("fastrnn::forward")
+def _forward_fake(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
+    T, B, _ = x.shape
+    H = w_hh.shape[0] // _GATES[cell]
+    P = w_hh.shape[1]
+    lstm = cell == "lstm"
+
+    def maybe(cond, *shape):
+        return x.new_empty(shape if cond else (0,))
+
+    return (
+        x.new_empty((T, B, P)),
+        x.new_empty((B, P)),
+        maybe(lstm, B, H),
+        maybe(save, T, B, _SAVED[cell] * H),
+        maybe(save, T, B, P),
+        maybe(save and lstm, T, B, H),
+        maybe(save and w_hr is not None, T, B, H),
+    )
+
+
+@torch.library.register_fake("fastrnn::backward")
+def _backward_fake(cell, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, lengths, gates, hprev, cprev, m,
+                   reverse, input_grad):
+    T, B, _ = x.shape
+    H = w_hh.shape[0] // _GATES[cell]
+    P = w_hh.shape[1]
+    empty = x.new_empty((0,))
+    return (
+        x.new_empty(x.shape) if input_grad else empty,
+        x.new_empty((B, P)),
+        x.new_empty((B, H)) if cell == "lstm" else empty,
+        x.new_empty(w_ih.shape),
+        x.new_empty(w_hh.shape),
+        x.new_empty((w_hh.shape[0],)),
+        x.new_empty((w_hh.shape[0],)),
+        x.new_empty(w_hr.shape) if w_hr is not None else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save = inputs
+    _, _, _, gates, hprev, cprev, m = output
+    ctx.save_for_backward(x, w_ih, w_hh, w_hr, lengths, gates, hprev, cprev, m)
+    ctx.cell, ctx.reverse = cell, reverse
+    ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
+
+
+def _backward(ctx, dy, dh_n, dc_n, *_saved_grads):
+    x, w_ih, w_hh, w_hr, lengths, gates, hprev, cprev, m = ctx.saved_tensors
+    need = ctx.needs_input_grad  # (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ...)
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = backward(
+        ctx.cell, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, lengths, gates, hprev, cprev, m,
+        ctx.reverse, need[1])
+    lstm = ctx.cell == "lstm"
+    return (None, dx if need[1] else None, dh0, dc0 if lstm else None, dw_ih, dw_hh,
+            db_ih if need[6] else None, db_hh if need[7] else None,
+            dw_hr if w_hr is not None else None, None, None, None)
+
+
+torch.library.register_autograd("fastrnn::forward", _backward, setup_context=_setup_context)

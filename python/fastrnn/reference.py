@@ -1,0 +1,79 @@
+"""Plain per-step PyTorch reference implementations.
+
+Obviously-correct loops with the same signatures as ``fastrnn.functional``; the
+tests compare the fused kernels against these and against torch.nn.
+"""
+import torch
+
+
+def _steps(T, reverse):
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def _run(cell, x, state, lengths, reverse):
+    """Run ``cell(x_t, state) -> (h, state)`` over time with per-sequence lengths.
+
+    x: [T, B, I]; state: tuple of [B, *] tensors, state[0] is h.
+    Steps with t >= lengths[b] keep the state and emit zeros.
+    """
+    T, B = x.shape[0], x.shape[1]
+    ys = [None] * T
+    for t in _steps(T, reverse):
+        h_new, new_state = cell(x[t], state)
+        if lengths is not None:
+            valid = (t < lengths.to(x.device)).unsqueeze(1)
+            new_state = tuple(torch.where(valid, n, o) for n, o in zip(new_state, state))
+            h_new = torch.where(valid, h_new, torch.zeros_like(h_new))
+        ys[t] = h_new
+        state = new_state
+    y = torch.stack(ys) if T > 0 else x.new_zeros((0, B, state[0].shape[1]))
+    return y, state
+
+
+def _linear(x, w, b):
+    out = x @ w.t()
+    return out if b is None else out + b
+
+
+def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, w_hr=None):
+    def cell(xt, state):
+        h, c = state
+        gates = _linear(xt, w_ih, b_ih) + _linear(h, w_hh, b_hh)
+        i, f, g, o = gates.chunk(4, 1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        if w_hr is not None:
+            h_new = h_new @ w_hr.t()
+        return h_new, (h_new, c_new)
+
+    y, (h, c) = _run(cell, x, (h0, c0), lengths, reverse)
+    return y, h, c
+
+
+def gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False):
+    def cell(xt, state):
+        (h,) = state
+        gx_r, gx_z, gx_n = _linear(xt, w_ih, b_ih).chunk(3, 1)
+        gh_r, gh_z, gh_n = _linear(h, w_hh, b_hh).chunk(3, 1)
+        r = torch.sigmoid(gx_r + gh_r)
+        z = torch.sigmoid(gx_z + gh_z)
+        n = torch.tanh(gx_n + r * gh_n)
+        h_new = (1 - z) * n + z * h
+        return h_new, (h_new,)
+
+    y, (h,) = _run(cell, x, (h0,), lengths, reverse)
+    return y, h
+
+
+def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None, reverse=False):
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    act = torch.tanh if nonlinearity == "tanh" else torch.relu
+
+    def cell(xt, state):
+        (h,) = state
+        h_new = act(_linear(xt, w_ih, b_ih) + _linear(h, w_hh, b_hh))
+        return h_new, (h_new,)
+
+    y, (h,) = _run(cell, x, (h0,), lengths, reverse)
+    return y, h
