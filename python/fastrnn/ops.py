@@ -15,8 +15,22 @@ forward = torch.ops.fastrnn.forward.default
 backward = torch.ops.fastrnn.backward.default
 
 
+def _check_like_x(x, **tensors):
+    # The native kernels check this too; a meta tensor among CPU inputs would route the
+    # call here instead, so the fake kernel repeats the device and dtype checks.
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise RuntimeError(f"fastrnn: {name} is on {t.device} but input x is on {x.device}")
+        if name != "lengths" and t.dtype != x.dtype:
+            raise RuntimeError(f"fastrnn: {name} has dtype {t.dtype} but input x has dtype {x.dtype}")
+
+
 @torch.library.register_fake("fastrnn::forward")
 def _forward_fake(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
+    _check_like_x(x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr,
+                  lengths=lengths)
     T, B, _ = x.shape
     H = w_hh.shape[0] // _GATES[cell]
     P = w_hh.shape[1]
@@ -42,16 +56,19 @@ def _backward_fake(cell, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, lengths, gates, hp
     T, B, _ = x.shape
     H = w_hh.shape[0] // _GATES[cell]
     P = w_hh.shape[1]
-    empty = x.new_empty((0,))
+
+    def maybe(cond, *shape):
+        return x.new_empty(shape if cond else (0,))
+
     return (
-        x.new_empty(x.shape) if input_grad else empty,
+        maybe(input_grad, *x.shape),
         x.new_empty((B, P)),
-        x.new_empty((B, H)) if cell == "lstm" else empty,
+        maybe(cell == "lstm", B, H),
         x.new_empty(w_ih.shape),
         x.new_empty(w_hh.shape),
         x.new_empty((w_hh.shape[0],)),
         x.new_empty((w_hh.shape[0],)),
-        x.new_empty(w_hr.shape) if w_hr is not None else empty,
+        maybe(w_hr is not None, *(w_hr.shape if w_hr is not None else (0,))),
     )
 
 

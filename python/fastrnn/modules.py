@@ -1,0 +1,387 @@
+"""Drop-in replacements for torch.nn.LSTM/GRU/RNN and their cells.
+
+The modules subclass torch's ``RNNBase`` / ``RNNCellBase`` so that constructor
+arguments, argument checks, parameter names, shapes, initialisation,
+state_dict, repr and pickling are torch's own. Only ``forward`` is replaced:
+it reproduces torch's input handling and error messages, then runs every
+layer and direction through ``fastrnn.functional``.
+
+Beyond torch, ``forward`` takes a keyword-only ``lengths=`` for padded input.
+"""
+import torch
+from torch.nn.modules.rnn import RNNBase, RNNCellBase
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import functional as F
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
+
+
+def _run_op(mode, x, state, weights, lengths=None, reverse=False):
+    """One layer, one direction: the only place that differs by cell type.
+
+    x: [T, B, I]; state: (h,) or (h, c), each [B, *];
+    weights: (w_ih, w_hh, b_ih, b_hh, w_hr), biases and w_hr may be None.
+    Returns (y [T, B, P], final state tuple).
+    """
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    if mode == "LSTM":
+        y, h, c = F.lstm(x, state[0], state[1], w_ih, w_hh, b_ih, b_hh,
+                         lengths=lengths, reverse=reverse, w_hr=w_hr)
+        return y, (h, c)
+    if mode == "GRU":
+        y, h = F.gru(x, state[0], w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse)
+    else:
+        nonlinearity = "tanh" if mode == "RNN_TANH" else "relu"
+        y, h = F.rnn(x, state[0], w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity,
+                     lengths=lengths, reverse=reverse)
+    return y, (h,)
+
+
+# c10 ScalarType names, as torch spells them in its dtype mismatch message.
+_DTYPE_NAMES = {
+    torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+}
+
+
+def _check_state_dtype(state, weight):
+    # torch fails inside its first matmul (hx @ w_hh.T) with this message.
+    for s in state:
+        if s.dtype != weight.dtype:
+            raise RuntimeError(
+                "mat1 and mat2 must have the same dtype, but got "
+                f"{_DTYPE_NAMES.get(s.dtype, s.dtype)} and "
+                f"{_DTYPE_NAMES.get(weight.dtype, weight.dtype)}"
+            )
+
+
+def _check_devices(input, state, weights):
+    # Same checks, order and wording as ATen's check_attributes for RNNs.
+    for name, tensors in (("hidden", state), ("parameter", weights)):
+        for t in tensors:
+            if t is not None and t.device != input.device:
+                raise RuntimeError(
+                    f"Input and {name} tensors are not at the same device, found input "
+                    f"tensor at {input.device} and {name} tensor at {t.device}"
+                )
+
+
+def _check_lengths(lengths, batch, steps, device):
+    """Validate the ``lengths=`` extension; returns int64 [B] on ``device``."""
+    if not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(lengths)
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
+    if lengths.dim() != 1 or lengths.numel() != batch:
+        raise ValueError(
+            f"lengths must be a 1-D tensor with one entry per sequence: expected shape "
+            f"[{batch}], got {list(lengths.shape)}"
+        )
+    if batch > 0:
+        lo, hi = (int(v) for v in torch.aminmax(lengths))  # one sync when on a GPU
+        if lo < 0:
+            raise ValueError(f"lengths must be non-negative, got {lo}")
+        if hi > steps:
+            raise ValueError(
+                f"lengths must not exceed the sequence length {steps} of the input, got {hi}"
+            )
+    return lengths.to(device=device, dtype=torch.int64)
+
+
+class _RNNBase(RNNBase):
+    """Shared forward for LSTM, GRU and RNN: one generic layer loop."""
+
+    def flatten_parameters(self):
+        """No-op: the fused kernels read the parameters where they are.
+
+        torch's version repacks the weights into one cuDNN buffer, which these
+        kernels neither need nor use.
+        """
+
+    def _weights(self, layer, direction):
+        suffix = "_reverse" if direction == 1 else ""
+        # getattr at call time, so weight tying and torch.func.functional_call work.
+        return tuple(
+            getattr(self, f"{name}_l{layer}{suffix}", None)
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+        )
+
+    def _zero_state(self, input, batch):
+        num_directions = 2 if self.bidirectional else 1
+        shape = (self.num_layers * num_directions, batch)
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        opts = {"dtype": input.dtype, "device": input.device}
+        h = torch.zeros(*shape, real_hidden, **opts)
+        if self.mode == "LSTM":
+            return (h, torch.zeros(*shape, self.hidden_size, **opts))
+        return h
+
+    def _check_hx_dim(self, hx, want):
+        # torch's messages differ between LSTM (h and c) and GRU/RNN (h only).
+        kind = "batched 3-D" if want == 3 else "unbatched 2-D"
+        if self.mode == "LSTM":
+            if hx[0].dim() != want or hx[1].dim() != want:
+                raise RuntimeError(
+                    f"For {kind} input, hx and cx should also be {want}-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                )
+        elif hx.dim() != want:
+            raise RuntimeError(
+                f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor"
+            )
+
+    def _input_dim_error(self, dim):
+        name = "LSTM" if self.mode == "LSTM" else "GRU" if self.mode == "GRU" else "RNN"
+        tail = " tensor" if name == "RNN" else ""
+        return ValueError(f"{name}: Expected input to be 2D or 3D, got {dim}D{tail} instead")
+
+    def _run_layer(self, layer, x, state, lengths):
+        """Run both directions of one layer.
+
+        x: [T, B, I]; state: tuple of [num_directions, B, *] tensors.
+        Returns (y [T, B, num_directions * P], final state tuple shaped like ``state``).
+        Kept as one call per layer so both directions can become one fused op.
+        """
+        num_directions = 2 if self.bidirectional else 1
+        ys, finals = [], []
+        for d in range(num_directions):
+            y, final = _run_op(self.mode, x, tuple(s[d] for s in state),
+                               self._weights(layer, d), lengths=lengths, reverse=d == 1)
+            ys.append(y)
+            finals.append(final)
+        y = ys[0] if num_directions == 1 else torch.cat(ys, dim=2)
+        return y, tuple(torch.stack(parts) for parts in zip(*finals))
+
+    def _run_layers(self, x, state, lengths):
+        """x: [T, B, I]; state: tuple of [L * D, B, *]. Returns (y, final state tuple)."""
+        num_directions = 2 if self.bidirectional else 1
+        finals = []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.training and self.dropout > 0:
+                # torch applies dropout to every layer's output but the last.
+                x = torch.nn.functional.dropout(x, self.dropout, training=True)
+            rows = slice(layer * num_directions, (layer + 1) * num_directions)
+            x, final = self._run_layer(layer, x, tuple(s[rows] for s in state), lengths)
+            finals.append(final)
+        return x, tuple(torch.cat(parts) for parts in zip(*finals))
+
+    def _check_runtime(self, input, hx):
+        """Checks torch makes in C++ after the Python shape checks."""
+        state = hx if self.mode == "LSTM" else (hx,)
+        _check_devices(input, state, self._flat_weights)
+        if not torch._C._is_any_autocast_enabled():  # as torch's own dtype check
+            _check_state_dtype(state, self._flat_weights[0])
+        return state
+
+    def forward(self, input, hx=None, *, lengths=None):
+        """As torch.nn's forward; ``lengths`` (padded input only) is an integer
+        tensor [B], any device and order, giving each sequence's valid steps."""
+        self._update_flat_weights()
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError(
+                    "lengths= cannot be combined with a PackedSequence input, "
+                    "which already carries its lengths"
+                )
+            return self._forward_packed(input, hx)
+
+        if input.dim() not in (2, 3):
+            raise self._input_dim_error(input.dim())
+        is_batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not is_batched:
+            input = input.unsqueeze(batch_dim)
+        if hx is None:
+            hx = self._zero_state(input, input.size(batch_dim))
+        else:
+            self._check_hx_dim(hx, 3 if is_batched else 2)
+            if not is_batched:
+                hx = tuple(h.unsqueeze(1) for h in hx) if self.mode == "LSTM" else hx.unsqueeze(1)
+        self.check_forward_args(input, hx, None)
+        state = self._check_runtime(input, hx)
+
+        x = input.transpose(0, 1) if self.batch_first else input
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if lengths is not None:
+            if not is_batched and torch.as_tensor(lengths).dim() == 0:
+                lengths = torch.as_tensor(lengths).reshape(1)  # one sequence, one length
+            lengths = _check_lengths(lengths, x.size(1), x.size(0), x.device)
+
+        y, final = self._run_layers(x, state, lengths)
+
+        if self.batch_first:
+            y = y.transpose(0, 1)  # a view, as torch returns
+        if not is_batched:
+            y = y.squeeze(batch_dim)
+            final = tuple(f.squeeze(1) for f in final)
+        return y, final if self.mode == "LSTM" else final[0]
+
+    def _forward_packed(self, packed, hx):
+        data, batch_sizes, sorted_indices, unsorted_indices = packed
+        if hx is None:
+            hx = self._zero_state(data, int(batch_sizes[0]))
+        else:
+            # hx is given in the caller's batch order; the packed data is sorted.
+            hx = self.permute_hidden(hx, sorted_indices)
+        # torch.nn.LSTM skips these checks for packed input (and can crash); we don't.
+        self.check_forward_args(data, hx, batch_sizes)
+        state = self._check_runtime(data, hx)
+
+        # Pad once, run with in-kernel lengths, pack once: rows stay in sorted order.
+        x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+        y, final = self._run_layers(x, state, lengths.to(x.device))
+        out = PackedSequence(pack_padded_sequence(y, lengths).data, batch_sizes,
+                             sorted_indices, unsorted_indices)
+        hidden = final if self.mode == "LSTM" else final[0]
+        return out, self.permute_hidden(hidden, unsorted_indices)
+
+
+class LSTM(_RNNBase):
+    """Drop-in for :class:`torch.nn.LSTM` (same arguments, including ``proj_size``).
+
+    ``forward(input, hx=None, *, lengths=None)``: ``lengths`` is an optional
+    integer tensor [B] (any device, any order) for padded input; outputs past
+    each length are zero and ``h_n``/``c_n`` are taken at each sequence's end.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    # torch.nn.LSTM's own helpers for (h, c) state, reused as-is.
+    get_expected_cell_size = torch.nn.LSTM.get_expected_cell_size
+    check_forward_args = torch.nn.LSTM.check_forward_args
+    permute_hidden = torch.nn.LSTM.permute_hidden
+
+
+class GRU(_RNNBase):
+    """Drop-in for :class:`torch.nn.GRU`; ``forward`` also takes ``lengths=`` (see LSTM)."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+
+class RNN(_RNNBase):
+    """Drop-in for :class:`torch.nn.RNN`; ``forward`` also takes ``lengths=`` (see LSTM)."""
+
+    def __init__(self, *args, **kwargs):
+        # Same argument handling as torch.nn.RNN: nonlinearity is the 4th positional.
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(
+                f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        super().__init__(mode, *args, **kwargs)
+
+
+class _CellBase(RNNCellBase):
+    """Shared forward for the cells: a one-step run of the fused op."""
+
+    _name = ""  # class name used in torch's messages
+    _num_states = 1  # 2 for LSTMCell (h, c)
+
+    def _mode(self):
+        return "LSTM" if self._num_states == 2 else "GRU"
+
+    def forward(self, input, hx=None):
+        if input.dim() not in (1, 2):
+            raise ValueError(
+                f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
+            )
+        if hx is not None:
+            for idx, h in enumerate(hx if self._num_states == 2 else (hx,)):
+                if h.dim() not in (1, 2):
+                    what = f"hx[{idx}]" if self._num_states == 2 else "hidden"
+                    raise ValueError(
+                        f"{self._name}: Expected {what} to be 1D or 2D, got {h.dim()}D instead"
+                    )
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size,
+                                dtype=input.dtype, device=input.device)
+            state = (zeros,) * self._num_states
+        else:
+            state = tuple(hx) if self._num_states == 2 else (hx,)
+            if not is_batched:
+                state = tuple(h.unsqueeze(0) for h in state)
+        mode = self._mode()
+
+        # The checks torch makes in C++ (_VF.*_cell), in its order and wording.
+        if self._num_states == 2 and len(state) != 2:
+            raise RuntimeError("lstm_cell expects two hidden states")
+        if input.size(1) != self.input_size:
+            raise RuntimeError(
+                f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}"
+            )
+        for idx, h in enumerate(state):
+            if input.size(0) != h.size(0):
+                raise RuntimeError(
+                    f"Input batch size {input.size(0)} doesn't match hidden{idx} batch size "
+                    f"{h.size(0)}"
+                )
+            if h.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{idx} has inconsistent hidden_size: got {h.size(1)}, "
+                    f"expected {self.hidden_size}"
+                )
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        _check_devices(input, state, weights)
+        _check_state_dtype((input,) + state, self.weight_ih)
+
+        _, final = _run_op(mode, input.unsqueeze(0), state, weights + (None,))
+        if not is_batched:
+            final = tuple(f.squeeze(0) for f in final)
+        return final if self._num_states == 2 else final[0]
+
+
+class LSTMCell(_CellBase):
+    """Drop-in for :class:`torch.nn.LSTMCell`."""
+
+    _name = "LSTMCell"
+    _num_states = 2
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+
+
+class GRUCell(_CellBase):
+    """Drop-in for :class:`torch.nn.GRUCell`."""
+
+    _name = "GRUCell"
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
+
+
+class RNNCell(_CellBase):
+    """Drop-in for :class:`torch.nn.RNNCell`."""
+
+    _name = "RNNCell"
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh",
+                 device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
+        self.nonlinearity = nonlinearity
+
+    def _mode(self):
+        # torch accepts any string at construction and fails at the first forward.
+        if self.nonlinearity == "tanh":
+            return "RNN_TANH"
+        if self.nonlinearity == "relu":
+            return "RNN_RELU"
+        raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
