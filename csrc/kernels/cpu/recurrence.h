@@ -138,6 +138,11 @@ void forward_team(const ForwardParams<T>& p, const Gemm& gemm, T* ws, const Team
     for (int64_t b = 0; b < B; ++b) {
       if (!valid(p.lengths, b, t)) {  // finished (or not yet started) row: state passes through
         if (Cell::kHasCell) std::copy(cin + b * H + j0, cin + b * H + j1, cout + b * H + j0);
+        if (saving) {  // saved values of padded steps are never read; keep them defined
+          for (int k = 0; k < S; ++k)
+            std::fill_n(p.gates + (t * B + b) * S * H + k * H + j0, hs, T(0));
+        }
+        if (proj) std::fill(mout + b * H + j0, mout + b * H + j1, T(0));
         if (!proj) {
           std::copy(hin + b * P + j0, hin + b * P + j1, hout + b * P + j0);
           std::fill(yt + b * P + j0, yt + b * P + j1, T(0));
