@@ -3,15 +3,20 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <memory>
+#include <type_traits>
+#include <vector>
+
 #include "../kernels/cpu/recurrence.h"
 #include "rnn_op.h"
 
 namespace fastrnn {
 namespace {
 
-// The BLAS linked into libtorch (MKL on x86 wheels, OpenBLAS elsewhere) exports the
-// standard Fortran entry points; cpublas::gemm itself is not exported. Weak, so a torch
-// without them still loads and falls back to at::mm.
+// The BLAS linked into libtorch exports the standard Fortran entry points (MKL on x86
+// wheels, OpenBLAS elsewhere) and, with MKL, the packed-GEMM and thread-local controls;
+// ATen's own cpublas::gemm is not exported. All weak, so a torch without them still loads
+// and the calls fall back to the next best: plain BLAS, then at::mm.
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
             const float*, const int*, const float*, const int*, const float*, float*,
@@ -19,32 +24,82 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
             const double*, const int*, const double*, const int*, const double*, double*,
             const int*) __attribute__((weak));
+// MKL's CBLAS enums are plain ints: RowMajor 101, NoTrans 111, Trans 112, Packed 151,
+// BMatrix 162.
+size_t cblas_sgemm_pack_get_size(int, int, int, int) __attribute__((weak));
+void cblas_sgemm_pack(int, int, int, int, int, int, float, const float*, int, float*)
+    __attribute__((weak));
+void cblas_sgemm_compute(int, int, int, int, int, int, const float*, int, const float*, int,
+                         float, float*, int) __attribute__((weak));
+// The C entry point; the lower-case name is the Fortran one (argument by pointer).
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 }
 
 template <class T> struct Blas;
 template <> struct Blas<float> { static constexpr auto gemm = &sgemm_; };
 template <> struct Blas<double> { static constexpr auto gemm = &dgemm_; };
 
-// Row-major GEMM on column-major BLAS: C = op(A) op(B) is computed as C^T = op(B)^T op(A)^T.
-// Called from inside the OpenMP team, where the BLAS runs single-threaded.
+// A fixed weight op(W) [K, N]: MKL's packed copy when available (float), else the
+// original pointer.
+template <class T>
+struct PackedWeight {
+  const T* w = nullptr;
+  int64_t ldw = 0, K = 0, N = 0, M = 0;
+  bool trans = false;
+  std::vector<float> packed;  // MKL packed format (float only)
+};
+
+// Row-major GEMM on column-major BLAS: C = A op(W) is computed as C^T = op(W)^T A^T.
 template <class T>
 struct CpuGemm {
-  void operator()(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-                  int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) const {
+  struct SingleThreaded {
+    int prev = 0;
+    SingleThreaded() {
+      if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
+    }
+    ~SingleThreaded() {
+      if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);  // 0 restores global
+    }
+  };
+  std::unique_ptr<SingleThreaded> single_threaded() const {
+    return std::make_unique<SingleThreaded>();
+  }
+
+  PackedWeight<T> pack(const T* w, int64_t ldw, bool trans, int64_t K, int64_t N,
+                       int64_t M) const {
+    PackedWeight<T> p{w, ldw, K, N, M, trans, {}};
+    if constexpr (std::is_same_v<T, float>) {
+      if (w && N > 0 && K > 0 && M > 0 && cblas_sgemm_pack && cblas_sgemm_compute) {
+        const size_t bytes = cblas_sgemm_pack_get_size(162, M, N, K);
+        p.packed.resize((bytes + sizeof(float) - 1) / sizeof(float));
+        cblas_sgemm_pack(101, 162, trans ? 112 : 111, M, N, K, 1.0f, w, ldw, p.packed.data());
+      }
+    }
+    return p;
+  }
+
+  void run(const PackedWeight<T>& W, const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
+    const int64_t M = W.M, N = W.N, K = W.K;
+    if constexpr (std::is_same_v<T, float>) {
+      if (!W.packed.empty()) {
+        cblas_sgemm_compute(101, 111, 151, M, N, K, A, lda, W.packed.data(), N, beta, C, ldc);
+        return;
+      }
+    }
     if (Blas<T>::gemm) {
-      const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
-      const int m = N, n = M, k = K, la = lda, lb = ldb, lc = ldc;
-      Blas<T>::gemm(&opb, &opa, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+      const char opw = W.trans ? 'T' : 'N', opa = 'N';
+      const int m = N, n = M, k = K, lw = W.ldw, la = lda, lc = ldc;
+      const T one = 1;
+      Blas<T>::gemm(&opw, &opa, &m, &n, &k, &one, W.w, &lw, A, &la, &beta, C, &lc);
       return;
     }
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-    at::Tensor a = at::from_blob(const_cast<T*>(A), {ta ? K : M, ta ? M : K}, {lda, 1}, opts);
-    at::Tensor b = at::from_blob(const_cast<T*>(B), {tb ? N : K, tb ? K : N}, {ldb, 1}, opts);
+    at::Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
+    at::Tensor w = at::from_blob(const_cast<T*>(W.w), {W.trans ? N : K, W.trans ? K : N},
+                                 {W.ldw, 1}, opts);
     at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-    if (ta) a = a.t();
-    if (tb) b = b.t();
     if (beta == T(0)) c.zero_();  // BLAS semantics: C is not read when beta == 0
-    at::addmm_out(c, c, a, b, beta, alpha);
+    at::addmm_out(c, c, a, W.trans ? w.t() : w, beta, 1);
   }
 };
 

@@ -20,9 +20,15 @@
 namespace fastrnn {
 namespace cpu {
 
-// Row-major GEMM the caller provides:
-//   C[M, N] = alpha * op(A)[M, K] * op(B)[K, N] + beta * C, op = transpose when flagged.
-// Signature: gemm(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc).
+// The caller provides the GEMM, for weights that stay fixed over the whole sequence:
+//   auto w = gemm.pack(W, ldw, trans, K, N, M);
+//       prepares op(W) [K, N] for products with M rows; W is [N, K] row-major (leading
+//       dimension ldw) when trans, else [K, N]. Called once per thread before the loop.
+//   gemm.run(w, A, lda, beta, C, ldc);
+//       C[M, N] = A[M, K] op(W) + beta * C, row-major.
+//   auto guard = gemm.single_threaded();
+//       keeps the BLAS on the calling thread while the guard lives: run() is called inside
+//       the team, one call per thread and step.
 
 class SpinBarrier {
  public:
@@ -72,7 +78,7 @@ inline Range split(int64_t n, int parts, int k) {
 template <class T>
 inline int64_t forward_workspace(const ForwardParams<T>& p, int gates) {
   const int64_t GH = gates * p.H;
-  return GH * p.P + p.B * GH + 2 * p.B * p.P + 3 * p.B * p.H;
+  return GH * p.P + p.B * GH + 2 * p.B * p.P + 3 * p.B * p.H + GH;
 }
 
 template <class T>
@@ -84,6 +90,58 @@ inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T 
 
 inline bool valid(const int64_t* lengths, int64_t b, int64_t t) {
   return lengths == nullptr || t < lengths[b];
+}
+
+// Gate math for units [0, n) of one batch row; pointers start at the row's first unit.
+// Gate k of unit u sits at x[k*xs + u], bias[k*xs + u] and r[k*rs + u]. Branch-free, so the
+// loop vectorises. (ivdep rather than omp simd: omp simd keeps the small per-unit arrays
+// in memory as gathers, which defeats GCC's vectoriser.)
+template <class Cell, bool Save, class T>
+inline void forward_units(int64_t n, const T* x, const T* bias, int64_t xs, const T* r,
+                          int64_t rs, const T* hp, const T* cp, T* h, T* c, T* save) {
+  constexpr int G = Cell::kGates, S = Cell::kSaved;
+#pragma GCC ivdep
+  for (int64_t u = 0; u < n; ++u) {
+    T xg[G], hg[G], sv[S], hv, cv = T(0);
+#pragma GCC unroll 4
+    for (int k = 0; k < G; ++k) {
+      xg[k] = x[k * xs + u];
+      hg[k] = r[k * rs + u] + bias[k * xs + u];
+    }
+    Cell::forward(xg, hg, Cell::kUsesPrevH ? hp[u] : T(0), Cell::kHasCell ? cp[u] : T(0), hv,
+                  cv, sv);
+    h[u] = hv;
+    if constexpr (Cell::kHasCell) c[u] = cv;
+    if constexpr (Save) {
+#pragma GCC unroll 4
+      for (int k = 0; k < S; ++k) save[k * xs + u] = sv[k];
+    }
+  }
+}
+
+// Gradient math for units [0, n) of one batch row. Value k of unit u at save[k*xs + u],
+// dgx[k*xs + u], dgh[k*xs + u]. dout may alias dhp (read before written, same unit).
+template <class Cell, bool Direct, class T>
+inline void backward_units(int64_t n, const T* save, int64_t xs, const T* hp, const T* cp,
+                           const T* dout, T* dc, T* dgx, T* dgh, T* dhp) {
+  constexpr int G = Cell::kGates, S = Cell::kSaved;
+#pragma GCC ivdep
+  for (int64_t u = 0; u < n; ++u) {
+    T sv[S], gx[G], gh[G], d;
+#pragma GCC unroll 4
+    for (int k = 0; k < S; ++k) sv[k] = save[k * xs + u];
+    T dcv = Cell::kHasCell ? dc[u] : T(0);
+    Cell::backward(sv, Cell::kUsesPrevH ? hp[u] : T(0), Cell::kHasCell ? cp[u] : T(0), dout[u],
+                   dcv, gx, gh, d);
+#pragma GCC unroll 4
+    for (int k = 0; k < G; ++k) dgx[k * xs + u] = gx[k];
+    if constexpr (Cell::kSplitGrad) {
+#pragma GCC unroll 4
+      for (int k = 0; k < G; ++k) dgh[k * xs + u] = gh[k];
+    }
+    if constexpr (Cell::kHasCell) dc[u] = dcv;
+    if constexpr (Direct) dhp[u] = d;
+  }
 }
 
 template <class Cell, class T, class Gemm>
@@ -102,12 +160,20 @@ void forward_team(const ForwardParams<T>& p, const Gemm& gemm, T* ws, const Team
   T* hbuf = gh + B * GH;     // [2, B, P] ping-pong state (inference)
   T* cbuf = hbuf + 2 * B * P;  // [2, B, H] ping-pong cell state (inference)
   T* mbuf = cbuf + 2 * B * H;  // [B, H] output before projection (inference)
+  T* zeros = mbuf + B * H;     // [G*H] stands in for a missing b_hh
+  if (!p.b_hh)  // each thread reads only its own units of every gate
+    for (int k = 0; k < G; ++k) std::fill(zeros + k * H + j0, zeros + k * H + j1, T(0));
+  const T* bias = p.b_hh ? p.b_hh : zeros;
   T* my_w = wpack + G * j0 * P;
   T* my_gh = gh + B * G * j0;
 
   for (int k = 0; k < G; ++k)
     for (int64_t j = j0; j < j1; ++j)
       std::copy_n(p.w_hh + (k * H + j) * P, P, my_w + (k * hs + j - j0) * P);
+  const auto blas_guard = gemm.single_threaded();
+  const auto w_rec = gemm.pack(my_w, P, true, P, G * hs, B);  // [P, G*hs]
+  const auto w_proj = gemm.pack(proj ? p.w_hr + pr.begin * H : nullptr, H, true, H,
+                                proj ? pr.size() : 0, B);  // [H, ps]
 
   auto state = [&](int64_t s, const T* init, T* last, T* saved, T* buf, int64_t n) -> T* {
     // State entering step s (s in [0, T]); step T's "entering" state is the final one.
@@ -133,7 +199,7 @@ void forward_team(const ForwardParams<T>& p, const Gemm& gemm, T* ws, const Team
       }
     }
 
-    if (hs > 0) gemm(false, true, B, G * hs, P, T(1), hin, P, my_w, P, T(0), my_gh, G * hs);
+    if (hs > 0) gemm.run(w_rec, hin, P, T(0), my_gh, G * hs);
 
     for (int64_t b = 0; b < B; ++b) {
       if (!valid(p.lengths, b, t)) {  // finished (or not yet started) row: state passes through
@@ -149,35 +215,24 @@ void forward_team(const ForwardParams<T>& p, const Gemm& gemm, T* ws, const Team
         }
         continue;
       }
-      const T* xrow = p.gx + (t * B + b) * GH;
-      const T* hrow = my_gh + b * G * hs;
-      T* srow = saving ? p.gates + (t * B + b) * S * H : nullptr;
-#pragma omp simd
-      for (int64_t j = j0; j < j1; ++j) {
-        T xg[G], hg[G], sv[S], h, c = T(0);
-        for (int k = 0; k < G; ++k) {
-          xg[k] = xrow[k * H + j];
-          hg[k] = hrow[k * hs + j - j0] + (p.b_hh ? p.b_hh[k * H + j] : T(0));
-        }
-        const T hp = Cell::kUsesPrevH ? hin[b * P + j] : T(0);
-        const T cp = Cell::kHasCell ? cin[b * H + j] : T(0);
-        Cell::forward(xg, hg, hp, cp, h, c, sv);
-        if (saving)
-          for (int k = 0; k < S; ++k) srow[k * H + j] = sv[k];
-        if (Cell::kHasCell) cout[b * H + j] = c;
-        if (proj) {
-          mout[b * H + j] = h;
-        } else {
-          hout[b * P + j] = h;
-          yt[b * P + j] = h;
-        }
-      }
+      const T* hp = Cell::kUsesPrevH ? hin + b * P + j0 : nullptr;
+      const T* cp = Cell::kHasCell ? cin + b * H + j0 : nullptr;
+      T* c = Cell::kHasCell ? cout + b * H + j0 : nullptr;
+      T* h = proj ? mout + b * H + j0 : hout + b * P + j0;
+      const T* x = p.gx + (t * B + b) * GH + j0;
+      const T* r = my_gh + b * G * hs;
+      if (saving)
+        forward_units<Cell, true>(hs, x, bias + j0, H, r, hs, hp, cp, h, c,
+                                  p.gates + (t * B + b) * S * H + j0);
+      else
+        forward_units<Cell, false>(hs, x, bias + j0, H, r, hs, hp, cp, h, c, (T*)nullptr);
+      if (!proj) std::copy(h, h + hs, yt + b * P + j0);
     }
     team.sync();
 
     if (proj) {  // h = m W_hr^T, split over the P outputs
       const int64_t p0 = pr.begin, ps = pr.size();
-      if (ps > 0) gemm(false, true, B, ps, H, T(1), mout, H, p.w_hr + p0 * H, H, T(0), hout + p0, P);
+      if (ps > 0) gemm.run(w_proj, mout, H, T(0), hout + p0, P);
       for (int64_t b = 0; b < B; ++b) {
         T* hrow = hout + b * P;
         if (valid(p.lengths, b, t)) {
@@ -202,6 +257,9 @@ void backward_team(const BackwardParams<T>& p, const Gemm& gemm, T* ws, const Te
   const int64_t j0 = hr.begin, j1 = hr.end, hs = hr.size();
   const int64_t p0 = pr.begin, ps = pr.size();
   T* dm = ws;  // [B, H] dL/d(output before projection), proj only
+  const auto blas_guard = gemm.single_threaded();
+  const auto w_rec = gemm.pack(p.w_hh + p0, P, false, GH, ps, B);  // [G*H, ps] column slice
+  const auto w_proj = gemm.pack(proj ? p.w_hr + j0 : nullptr, H, false, P, proj ? hs : 0, B);
   T* dh = p.dh;
   T* dc = p.dc;
 
@@ -220,7 +278,7 @@ void backward_team(const BackwardParams<T>& p, const Gemm& gemm, T* ws, const Te
     int64_t ld = P;
     if (proj) {
       team.sync();
-      if (hs > 0) gemm(false, false, B, hs, P, T(1), dh, P, p.w_hr + j0, H, T(0), dm + j0, H);
+      if (hs > 0) gemm.run(w_proj, dh, P, T(0), dm + j0, H);
       dout = dm;
       ld = H;
     }
@@ -236,23 +294,17 @@ void backward_team(const BackwardParams<T>& p, const Gemm& gemm, T* ws, const Te
         }
         continue;
       }
-      const T* srow = p.gates + (t * B + b) * S * H;
-      const T* hprow = p.hprev + (t * B + b) * P;
-      const T* cprow = Cell::kHasCell ? p.cprev + (t * B + b) * H : nullptr;
-#pragma omp simd
-      for (int64_t j = j0; j < j1; ++j) {
-        T sv[S], dgx[G], dgh[G], dhp;
-        for (int k = 0; k < S; ++k) sv[k] = srow[k * H + j];
-        const T hp = Cell::kUsesPrevH ? hprow[j] : T(0);
-        const T cp = Cell::kHasCell ? cprow[j] : T(0);
-        T dcv = Cell::kHasCell ? dc[b * H + j] : T(0);
-        Cell::backward(sv, hp, cp, dout[b * ld + j], dcv, dgx, dgh, dhp);
-        for (int k = 0; k < G; ++k) gx[k * H + j] = dgx[k];
-        if (Cell::kSplitGrad)
-          for (int k = 0; k < G; ++k) gh[k * H + j] = dgh[k];
-        if (Cell::kHasCell) dc[b * H + j] = dcv;
-        if (!proj) dh[b * P + j] = dhp;  // the GEMM below adds the W_hh part
-      }
+      const int64_t row = t * B + b;
+      const T* hp = Cell::kUsesPrevH ? p.hprev + row * P + j0 : nullptr;
+      const T* cp = Cell::kHasCell ? p.cprev + row * H + j0 : nullptr;
+      T* dcr = Cell::kHasCell ? dc + b * H + j0 : nullptr;
+      const T* save = p.gates + row * S * H + j0;
+      if (proj)
+        backward_units<Cell, false>(hs, save, H, hp, cp, dout + b * ld + j0, dcr, gx + j0,
+                                    gh + j0, (T*)nullptr);
+      else  // the GEMM below adds the W_hh part to the direct part written here
+        backward_units<Cell, true>(hs, save, H, hp, cp, dout + b * ld + j0, dcr, gx + j0,
+                                   gh + j0, dh + b * P + j0);
     }
     team.sync();
 
@@ -262,7 +314,7 @@ void backward_team(const BackwardParams<T>& p, const Gemm& gemm, T* ws, const Te
       for (int64_t b = 0; b < B; ++b)
         if (valid(p.lengths, b, t)) std::fill(dh + b * P + p0, dh + b * P + pr.end, T(0));
     if (ps > 0)
-      gemm(false, false, B, ps, GH, T(1), p.dgh + t * B * GH, GH, p.w_hh + p0, P, T(1), dh + p0, P);
+      gemm.run(w_rec, p.dgh + t * B * GH, GH, T(1), dh + p0, P);
   }
 }
 
@@ -275,6 +327,10 @@ inline int team_size(int64_t B, int64_t GH, int64_t P, int max_threads) {
 template <class Fn>
 void run_team(int nthreads, Fn&& fn) {
   SpinBarrier barrier;
+  if (nthreads == 1) {  // no parallel region: it would only add its own overhead
+    fn(Team{0, 1, &barrier});
+    return;
+  }
 #pragma omp parallel num_threads(nthreads)
   {
 #pragma omp single
