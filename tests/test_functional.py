@@ -238,45 +238,84 @@ def test_gradcheck(cell, lengths, reverse):
     assert torch.autograd.gradcheck(fn, [inp[k] for k in names])
 
 
+def op_args(cell, D=1, lengths=None, reverse=False, save=True, proj=0, T=3, B=3, I=2, H=4):
+    """Arguments of torch.ops.fastrnn.forward for D stacked directions."""
+    dirs = [make_inputs(cell, T, B, I, H, proj=proj, seed=d) for d in range(D)]
+    dirs[0]["x"] = dirs[0]["x"].detach().requires_grad_()
+
+    def stack(key):
+        parts = [d[key] for d in dirs]
+        return None if parts[0] is None else torch.stack([p.detach() for p in parts]).requires_grad_()
+
+    return (cell, dirs[0]["x"], stack("h0"), stack("c0"), stack("w_ih"), stack("w_hh"),
+            stack("b_ih"), stack("b_hh"), stack("w_hr"), lengths, reverse, save)
+
+
 def op_samples():
     for cell in CELLS:
         for proj in ([0, 2] if cell == "lstm" else [0]):
             for lens in [None, torch.tensor([3, 0, 1])]:
-                for reverse in [False, True]:
-                    inp = make_inputs(cell, 3, 3, 2, 4, proj=proj)
-                    yield (cell, inp["x"], inp["h0"], inp["c0"], inp["w_ih"], inp["w_hh"],
-                           inp["b_ih"], inp["b_hh"], inp["w_hr"], lens, reverse, True)
+                for D, reverse in [(1, False), (1, True), (2, False)]:
+                    yield op_args(cell, D, lens, reverse, proj=proj)
 
 
-@pytest.mark.parametrize("args", list(op_samples()), ids=lambda a: f"{a[0]}-{a[8] is not None}-{a[9] is not None}-{a[10]}")
+@pytest.mark.parametrize("args", list(op_samples()),
+                         ids=lambda a: f"{a[0]}-D{a[5].shape[0]}-{'proj' if a[8] is not None else 'noproj'}"
+                                       f"-{'len' if a[9] is not None else 'nolen'}-{'rev' if a[10] else 'fwd'}")
 def test_opcheck_forward(args):
     torch.library.opcheck(ops.forward, args)
 
 
+@pytest.mark.parametrize("D", [1, 2])
 @pytest.mark.parametrize("cell", CELLS)
-def test_opcheck_backward(cell):
-    inp = make_inputs(cell, 3, 2, 2, 4)
-    args = (cell, inp["x"], inp["h0"], inp["c0"], inp["w_ih"], inp["w_hh"], inp["b_ih"],
-            inp["b_hh"], None, torch.tensor([3, 1]), False, True)
+def test_opcheck_backward(cell, D):
+    lens = torch.tensor([3, 1, 2])
+    args = op_args(cell, D, lens)
     with torch.no_grad():
         y, h_n, c_n, gates, hprev, cprev, m = ops.forward(*args)
     dc = torch.randn_like(c_n) if cell == "lstm" else None
-    bargs = (cell, torch.randn_like(y), torch.randn_like(h_n), dc, inp["x"].detach(),
-             inp["w_ih"].detach(), inp["w_hh"].detach(), None, torch.tensor([3, 1]), gates, hprev,
-             cprev, m, False, True)
+    bargs = (cell, torch.randn_like(y), torch.randn_like(h_n), dc, args[1].detach(),
+             args[4].detach(), args[5].detach(), None, lens, gates, hprev, cprev, m, False, True)
     torch.library.opcheck(ops.backward, bargs)
+
+
+@pytest.mark.parametrize("lengths", ["none", "mixed"])
+@pytest.mark.parametrize("cell, proj", [(c, 0) for c in CELLS] + [("lstm", 3)],
+                         ids=CELLS + ["lstm_proj"])
+def test_bidirectional_layer_equals_two_directions(cell, proj, lengths):
+    """F.layer runs both directions at once; each must equal its own one-direction run."""
+    T, B, I, H = 9, 16, 5, 40  # several threads per direction on most machines
+    fwd, bwd = (make_inputs(cell, T, B, I, H, proj=proj, seed=s) for s in (1, 2))
+    bwd["x"] = fwd["x"]
+    lens = lengths_for(lengths, T, B)
+    keys = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+    c0 = torch.stack([fwd["c0"], bwd["c0"]]) if cell == "lstm" else None
+    y, h_n, c_n = F.layer(cell, fwd["x"], torch.stack([fwd["h0"], bwd["h0"]]), c0,
+                          [tuple(d[k] for k in keys) for d in (fwd, bwd)], lens)
+    ref_f = call(R, cell, fwd, lens, reverse=False)
+    ref_b = call(R, cell, bwd, lens, reverse=True)
+    torch.testing.assert_close(y, torch.cat([ref_f[0], ref_b[0]], 2), **TOL64)
+    torch.testing.assert_close(h_n, torch.stack([ref_f[1], ref_b[1]]), **TOL64)
+    if cell == "lstm":
+        torch.testing.assert_close(c_n, torch.stack([ref_f[2], ref_b[2]]), **TOL64)
+    outs = [y, h_n] + ([c_n] if cell == "lstm" else [])
+    refs = [torch.cat([ref_f[0], ref_b[0]], 2), torch.stack([ref_f[1], ref_b[1]])] + \
+        ([torch.stack([ref_f[2], ref_b[2]])] if cell == "lstm" else [])
+    both = {**{k + "_f": v for k, v in leaves(fwd).items()},
+            **{k + "_b": v for k, v in leaves(bwd).items() if k != "x"}}
+    ga, gb = grads(outs, both), grads(refs, both)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], **TOL64, msg=lambda m: f"{name}: {m}")
 
 
 # ---- behaviour ------------------------------------------------------------------------
 
 def test_inference_saves_nothing():
-    inp = make_inputs("lstm", 5, 2, 3, 4)
+    args = op_args("lstm", save=None)
     with torch.no_grad():
-        out = ops.forward("lstm", inp["x"], inp["h0"], inp["c0"], inp["w_ih"], inp["w_hh"],
-                          inp["b_ih"], inp["b_hh"], None, None, False, F._save(*leaves(inp).values()))
+        out = ops.forward(*args[:-1], F._save(*args[1:9]))
     assert all(t.numel() == 0 for t in out[3:])
-    out = ops.forward("lstm", inp["x"], inp["h0"], inp["c0"], inp["w_ih"], inp["w_hh"],
-                      inp["b_ih"], inp["b_hh"], None, None, False, F._save(*leaves(inp).values()))
+    out = ops.forward(*args[:-1], F._save(*args[1:9]))
     assert all(t.numel() > 0 for t in out[3:6])  # gates, hprev, cprev (m only with w_hr)
 
 
@@ -412,16 +451,13 @@ def test_unknown_nonlinearity():
     with pytest.raises(ValueError, match="Unknown nonlinearity 'sigmoid'"):
         F.rnn(inp["x"], inp["h0"], inp["w_ih"], inp["w_hh"], None, None, nonlinearity="sigmoid")
     with pytest.raises(RuntimeError, match="unknown cell 'rnn_sigmoid'"):
-        ops.forward("rnn_sigmoid", inp["x"], inp["h0"], None, inp["w_ih"], inp["w_hh"], None, None,
-                    None, None, False, False)
+        ops.forward("rnn_sigmoid", *op_args("rnn_tanh")[1:-1], False)
 
 
 def test_backward_without_saved_state_is_an_error():
-    inp = make_inputs("gru", 3, 2, 2, 3)
+    args = op_args("gru", save=False)
     with torch.no_grad():
-        y, h_n, _, gates, hprev, cprev, m = ops.forward(
-            "gru", inp["x"], inp["h0"], None, inp["w_ih"], inp["w_hh"], None, None, None, None,
-            False, False)
+        y, h_n, _, gates, hprev, cprev, m = ops.forward(*args)
     with pytest.raises(RuntimeError, match="forward ran with save=False"):
-        ops.backward("gru", y, h_n, None, inp["x"].detach(), inp["w_ih"].detach(),
-                     inp["w_hh"].detach(), None, None, gates, hprev, cprev, m, False, True)
+        ops.backward("gru", y, h_n, None, args[1].detach(), args[4].detach(), args[5].detach(),
+                     None, None, gates, hprev, cprev, m, False, True)

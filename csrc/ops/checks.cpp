@@ -49,42 +49,42 @@ Shapes check_forward(const std::string& cell, const at::Tensor& x, const at::Ten
   s.B = x.size(1);
   s.I = x.size(2);
 
-  TORCH_CHECK(w_hh.dim() == 2, "fastrnn: w_hh must be 2-D [gates*hidden_size, state_size], got ",
-              w_hh.dim(), "-D");
-  TORCH_CHECK(w_hh.size(0) % s.G == 0 && w_hh.size(0) > 0, "fastrnn: w_hh has ", w_hh.size(0),
+  TORCH_CHECK(w_hh.dim() == 3 && (w_hh.size(0) == 1 || w_hh.size(0) == 2),
+              "fastrnn: w_hh must be 3-D [directions (1 or 2), gates*hidden_size, state_size], got ",
+              w_hh.sizes());
+  s.D = w_hh.size(0);
+  TORCH_CHECK(w_hh.size(1) % s.G == 0 && w_hh.size(1) > 0, "fastrnn: w_hh has ", w_hh.size(1),
               " rows, which is not a positive multiple of ", s.G, " gates for cell '", cell, "'");
-  s.H = w_hh.size(0) / s.G;
-  s.P = w_hh.size(1);
+  s.H = w_hh.size(1) / s.G;
+  s.P = w_hh.size(2);
   check_same(x, w_hh, "w_hh");
-  check_shape(w_ih, {s.G * s.H, s.I}, "w_ih");
+  check_shape(w_ih, {s.D, s.G * s.H, s.I}, "w_ih");
   check_same(x, w_ih, "w_ih");
 
   const at::Tensor* whr = opt(w_hr);
   TORCH_CHECK(!whr || lstm, "fastrnn: w_hr (projection) is only supported for cell 'lstm'");
   s.proj = whr != nullptr;
   if (s.proj) {
-    check_shape(*whr, {s.P, s.H}, "w_hr");
+    check_shape(*whr, {s.D, s.P, s.H}, "w_hr");
     check_same(x, *whr, "w_hr");
     TORCH_CHECK(s.P < s.H, "fastrnn: proj_size (", s.P, ") must be smaller than hidden_size (",
                 s.H, ")");
   } else {
-    TORCH_CHECK(s.P == s.H, "fastrnn: w_hh must have shape [", s.G * s.H, ", ", s.H, "], got ",
-                w_hh.sizes());
+    TORCH_CHECK(s.P == s.H, "fastrnn: w_hh must have shape [", s.D, ", ", s.G * s.H, ", ", s.H,
+                "], got ", w_hh.sizes());
   }
   for (auto [b, name] : {std::make_pair(opt(b_ih), "b_ih"), std::make_pair(opt(b_hh), "b_hh")}) {
     if (!b) continue;
-    check_shape(*b, {s.G * s.H}, name);
+    check_shape(*b, {s.D, s.G * s.H}, name);
     check_same(x, *b, name);
   }
 
-  TORCH_CHECK(h0.dim() == 2, "fastrnn: h0 must be 2-D [batch, hidden_size], got ", h0.dim(), "-D");
-  check_shape(h0, {s.B, s.P}, "h0");
+  check_shape(h0, {s.D, s.B, s.P}, "h0");
   check_same(x, h0, "h0");
   const at::Tensor* c = opt(c0);
   if (lstm) {
     TORCH_CHECK(c, "fastrnn: cell 'lstm' needs c0");
-    TORCH_CHECK(c->dim() == 2, "fastrnn: c0 must be 2-D [batch, hidden_size], got ", c->dim(), "-D");
-    check_shape(*c, {s.B, s.H}, "c0");
+    check_shape(*c, {s.D, s.B, s.H}, "c0");
     check_same(x, *c, "c0");
   } else {
     TORCH_CHECK(!c, "fastrnn: c0 is only used by cell 'lstm'");
@@ -108,15 +108,17 @@ Shapes check_backward(const std::string& cell, const at::Tensor& x, const at::Te
   s.kind = parse_cell(cell);
   s.G = gates_of(s.kind);
   s.S = saved_of(s.kind);
-  TORCH_CHECK(x.dim() == 3 && w_hh.dim() == 2 && w_ih.dim() == 2,
+  TORCH_CHECK(x.dim() == 3 && w_hh.dim() == 3 && w_ih.dim() == 3,
               "fastrnn: backward got inputs of the wrong rank");
+  s.D = w_hh.size(0);
   s.T = x.size(0);
   s.B = x.size(1);
   s.I = x.size(2);
-  s.H = w_hh.size(0) / s.G;
-  s.P = w_hh.size(1);
+  s.H = w_hh.size(1) / s.G;
+  s.P = w_hh.size(2);
   s.proj = opt(w_hr) != nullptr;
-  TORCH_CHECK(gates.numel() == s.T * s.B * s.S * s.H && hprev.numel() == s.T * s.B * s.P,
+  TORCH_CHECK(gates.numel() == s.D * s.T * s.B * s.S * s.H &&
+                  hprev.numel() == s.D * s.T * s.B * s.P,
               "fastrnn: backward needs the state saved by forward, but forward ran with "
               "save=False (inference); run it with gradients enabled");
   return s;

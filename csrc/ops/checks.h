@@ -11,7 +11,7 @@ namespace fastrnn {
 
 struct Shapes {
   CellKind kind;
-  int64_t T, B, I, H, P;
+  int64_t D, T, B, I, H, P;  // directions, steps, batch, input, hidden, state (proj or H)
   int G, S;
   bool proj;
 };

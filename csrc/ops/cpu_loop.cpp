@@ -107,19 +107,25 @@ struct CpuGemm {
 
 void cpu_forward_loop(const LoopTensors& a) {
   AT_DISPATCH_FLOATING_TYPES(a.y.scalar_type(), "fastrnn_cpu_forward", [&] {
-    const ForwardParams<scalar_t> p = forward_params<scalar_t>(a);
-    at::Tensor ws = at::empty({cpu::forward_workspace(p, a.s.G)}, a.y.options());
-    cpu::forward(a.s.kind, p, CpuGemm<scalar_t>{}, ws.mutable_data_ptr<scalar_t>(),
-                 at::get_num_threads());
+    ForwardParams<scalar_t> p[2];
+    scalar_t* ws[2];
+    for (int d = 0; d < a.s.D; ++d) p[d] = forward_params<scalar_t>(a, d);
+    const int64_t n = cpu::forward_workspace(p[0], a.s.G);
+    at::Tensor work = at::empty({a.s.D * n}, a.y.options());
+    for (int d = 0; d < a.s.D; ++d) ws[d] = work.mutable_data_ptr<scalar_t>() + d * n;
+    cpu::forward(a.s.kind, p, a.s.D, CpuGemm<scalar_t>{}, ws, at::get_num_threads());
   });
 }
 
 void cpu_backward_loop(const LoopTensors& a) {
   AT_DISPATCH_FLOATING_TYPES(a.dh.scalar_type(), "fastrnn_cpu_backward", [&] {
-    const BackwardParams<scalar_t> p = backward_params<scalar_t>(a);
-    at::Tensor ws = at::empty({cpu::backward_workspace(p)}, a.dh.options());
-    cpu::backward(a.s.kind, p, CpuGemm<scalar_t>{}, ws.mutable_data_ptr<scalar_t>(),
-                  at::get_num_threads());
+    BackwardParams<scalar_t> p[2];
+    scalar_t* ws[2];
+    for (int d = 0; d < a.s.D; ++d) p[d] = backward_params<scalar_t>(a, d);
+    const int64_t n = cpu::backward_workspace(p[0]);
+    at::Tensor work = at::empty({a.s.D * n}, a.dh.options());
+    for (int d = 0; d < a.s.D; ++d) ws[d] = work.mutable_data_ptr<scalar_t>() + d * n;
+    cpu::backward(a.s.kind, p, a.s.D, CpuGemm<scalar_t>{}, ws, at::get_num_threads());
   });
 }
 

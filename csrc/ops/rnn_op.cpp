@@ -24,13 +24,13 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
   a.s = s;
   a.reverse = reverse;
   const at::Tensor x = x_.contiguous();
-  a.y = at::empty({s.T, s.B, s.P}, x.options());
-  a.h_n = at::empty({s.B, s.P}, x.options());
-  a.c_n = lstm ? at::empty({s.B, s.H}, x.options()) : empty0(x);
-  a.gates = save ? at::empty({s.T, s.B, s.S * s.H}, x.options()) : empty0(x);
-  a.hprev = save ? at::empty({s.T, s.B, s.P}, x.options()) : empty0(x);
-  a.cprev = save && lstm ? at::empty({s.T, s.B, s.H}, x.options()) : empty0(x);
-  a.m = save && s.proj ? at::empty({s.T, s.B, s.H}, x.options()) : empty0(x);
+  a.y = at::empty({s.T, s.B, s.D * s.P}, x.options());  // directions side by side
+  a.h_n = at::empty({s.D, s.B, s.P}, x.options());
+  a.c_n = lstm ? at::empty({s.D, s.B, s.H}, x.options()) : empty0(x);
+  a.gates = save ? at::empty({s.D, s.T, s.B, s.S * s.H}, x.options()) : empty0(x);
+  a.hprev = save ? at::empty({s.D, s.T, s.B, s.P}, x.options()) : empty0(x);
+  a.cprev = save && lstm ? at::empty({s.D, s.T, s.B, s.H}, x.options()) : empty0(x);
+  a.m = save && s.proj ? at::empty({s.D, s.T, s.B, s.H}, x.options()) : empty0(x);
   ForwardOut out{a.y, a.h_n, a.c_n, a.gates, a.hprev, a.cprev, a.m};
   if (s.B == 0) return out;
   if (s.T == 0) {
@@ -39,9 +39,10 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
     return out;
   }
 
-  // One large GEMM for the input projection of every step.
+  // One large GEMM for the input projection of every step and direction.
   const at::Tensor x2 = x.view({s.T * s.B, s.I});
-  a.gx = opt(b_ih) ? at::addmm(*b_ih, x2, w_ih.t()) : at::mm(x2, w_ih.t());
+  const at::Tensor w_ih2 = w_ih.reshape({s.D * s.G * s.H, s.I});
+  a.gx = opt(b_ih) ? at::addmm(b_ih->reshape({-1}), x2, w_ih2.t()) : at::mm(x2, w_ih2.t());
   a.w_hh = w_hh.contiguous();
   a.b_hh = contig(b_hh);
   a.w_hr = contig(w_hr);
@@ -64,18 +65,18 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                         bool reverse, bool input_grad) {
   const Shapes s = check_backward(cell, x_, w_ih, w_hh, w_hr, gates, hprev);
   const bool lstm = s.kind == CellKind::LSTM;
-  const int64_t GH = s.G * s.H, TB = s.T * s.B;
+  const int64_t GH = s.G * s.H, DGH = s.D * GH, TB = s.T * s.B;
   const at::Tensor x = x_.contiguous();
 
   LoopTensors a;
   a.s = s;
   a.reverse = reverse;
-  a.dh = opt(dh_n) ? dh_n->contiguous().clone() : at::zeros({s.B, s.P}, x.options());
+  a.dh = opt(dh_n) ? dh_n->contiguous().clone() : at::zeros({s.D, s.B, s.P}, x.options());
   a.dc = !lstm ? empty0(x)
-               : (opt(dc_n) ? dc_n->contiguous().clone() : at::zeros({s.B, s.H}, x.options()));
-  a.dgx = at::empty({s.T, s.B, GH}, x.options());
-  a.dgh = s.kind == CellKind::GRU ? at::empty({s.T, s.B, GH}, x.options()) : a.dgx;
-  a.dhtot = s.proj ? at::empty({s.T, s.B, s.P}, x.options()) : empty0(x);
+               : (opt(dc_n) ? dc_n->contiguous().clone() : at::zeros({s.D, s.B, s.H}, x.options()));
+  a.dgx = at::empty({s.T, s.B, DGH}, x.options());  // directions side by side, like gx
+  a.dgh = s.kind == CellKind::GRU ? at::empty({s.T, s.B, DGH}, x.options()) : a.dgx;
+  a.dhtot = s.proj ? at::empty({s.D, s.T, s.B, s.P}, x.options()) : empty0(x);
   if (TB > 0) {
     a.w_hh = w_hh.contiguous();
     a.w_hr = contig(w_hr);
@@ -90,13 +91,17 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
       cpu_backward_loop(a);
   }
 
-  // Weight gradients as large GEMMs over all steps at once.
-  const at::Tensor dgx = a.dgx.view({TB, GH}), dgh = a.dgh.view({TB, GH});
-  at::Tensor dx = input_grad ? at::mm(dgx, w_ih).view({s.T, s.B, s.I}) : empty0(x);
-  at::Tensor dw_ih = at::mm(dgx.t(), x.view({TB, s.I}));
-  at::Tensor dw_hh = at::mm(dgh.t(), hprev.contiguous().view({TB, s.P}));
-  at::Tensor db_ih = dgx.sum(0), db_hh = dgh.sum(0);
-  at::Tensor dw_hr = s.proj ? at::mm(a.dhtot.view({TB, s.P}).t(), m.contiguous().view({TB, s.H}))
+  // Weight gradients as large GEMMs over all steps at once; the input side covers both
+  // directions in one GEMM.
+  const at::Tensor dgx = a.dgx.view({TB, DGH});
+  const at::Tensor dgh = a.dgh.view({TB, s.D, GH}).transpose(0, 1);  // [D, TB, GH]
+  at::Tensor dx = input_grad ? at::mm(dgx, w_ih.reshape({DGH, s.I})).view({s.T, s.B, s.I})
+                             : empty0(x);
+  at::Tensor dw_ih = at::mm(dgx.t(), x.view({TB, s.I})).view({s.D, GH, s.I});
+  at::Tensor dw_hh = at::bmm(dgh.transpose(1, 2), hprev.contiguous().view({s.D, TB, s.P}));
+  at::Tensor db_ih = dgx.sum(0).view({s.D, GH}), db_hh = dgh.sum(1);
+  at::Tensor dw_hr = s.proj ? at::bmm(a.dhtot.view({s.D, TB, s.P}).transpose(1, 2),
+                                      m.contiguous().view({s.D, TB, s.H}))
                             : empty0(x);
   return {dx, a.dh, a.dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
 }

@@ -32,7 +32,8 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                         const at::Tensor& hprev, const at::Tensor& cprev, const at::Tensor& m,
                         bool reverse, bool input_grad);
 
-// Contiguous tensors of one recurrence; undefined where unused. Shapes as in params.h.
+// Contiguous tensors of one layer; undefined (or empty) where unused. Per-direction
+// tensors carry a leading [D] axis; shapes otherwise as in params.h.
 struct LoopTensors {
   Shapes s;
   bool reverse = false;
@@ -40,45 +41,61 @@ struct LoopTensors {
   at::Tensor dy, dgx, dgh, dh, dc, dhtot;  // backward only
 };
 
-template <class T>
-const T* cptr(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+// T: the tensor's scalar type; E: the element type the kernels see, of the same layout
+// (e.g. at::Half as CUDA's __half).
+template <class T, class E = T>
+const E* cptr(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? reinterpret_cast<const E*>(t.data_ptr<T>()) : nullptr;
 }
-template <class T>
-T* mptr(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? t.mutable_data_ptr<T>() : nullptr;
+template <class T, class E = T>
+E* mptr(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? reinterpret_cast<E*>(t.mutable_data_ptr<T>()) : nullptr;
 }
 inline const int64_t* lengths_ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<int64_t>() : nullptr;
 }
 
-template <class T>
-ForwardParams<T> forward_params(const LoopTensors& a) {
-  ForwardParams<T> p;
-  p.T = a.s.T; p.B = a.s.B; p.H = a.s.H; p.P = a.s.P;
-  p.gx = cptr<T>(a.gx); p.w_hh = cptr<T>(a.w_hh); p.b_hh = cptr<T>(a.b_hh);
-  p.w_hr = cptr<T>(a.w_hr); p.h0 = cptr<T>(a.h0); p.c0 = cptr<T>(a.c0);
-  p.lengths = lengths_ptr(a.lengths); p.reverse = a.reverse;
-  p.y = mptr<T>(a.y); p.h_n = mptr<T>(a.h_n); p.c_n = mptr<T>(a.c_n);
-  p.gates = mptr<T>(a.gates); p.hprev = mptr<T>(a.hprev); p.cprev = mptr<T>(a.cprev);
-  p.m = mptr<T>(a.m);
+// Direction d's view of the tensors. Per-direction tensors are stacked on a leading
+// [D] axis; gx, y, dy, dgx and dgh hold the directions side by side within each row.
+template <class T, class E = T>
+ForwardParams<E> forward_params(const LoopTensors& a, int d) {
+  const Shapes& s = a.s;
+  const int64_t GH = s.G * s.H;
+  auto at_d = [d](const at::Tensor& t) { return t.defined() && t.numel() > 0 ? t[d] : t; };
+  ForwardParams<E> p;
+  p.T = s.T; p.B = s.B; p.H = s.H; p.P = s.P;
+  p.ldgx = s.D * GH; p.ldy = s.D * s.P;
+  p.gx = cptr<T, E>(a.gx) + d * GH;
+  p.w_hh = cptr<T, E>(at_d(a.w_hh)); p.b_hh = cptr<T, E>(at_d(a.b_hh));
+  p.w_hr = cptr<T, E>(at_d(a.w_hr)); p.h0 = cptr<T, E>(at_d(a.h0)); p.c0 = cptr<T, E>(at_d(a.c0));
+  p.lengths = lengths_ptr(a.lengths); p.reverse = a.reverse != (d == 1);
+  p.y = mptr<T, E>(a.y) + d * s.P;
+  p.h_n = mptr<T, E>(at_d(a.h_n)); p.c_n = mptr<T, E>(at_d(a.c_n));
+  p.gates = mptr<T, E>(at_d(a.gates)); p.hprev = mptr<T, E>(at_d(a.hprev));
+  p.cprev = mptr<T, E>(at_d(a.cprev)); p.m = mptr<T, E>(at_d(a.m));
   return p;
 }
 
-template <class T>
-BackwardParams<T> backward_params(const LoopTensors& a) {
-  BackwardParams<T> p;
-  p.T = a.s.T; p.B = a.s.B; p.H = a.s.H; p.P = a.s.P;
-  p.w_hh = cptr<T>(a.w_hh); p.w_hr = cptr<T>(a.w_hr);
-  p.lengths = lengths_ptr(a.lengths); p.reverse = a.reverse;
-  p.dy = cptr<T>(a.dy); p.gates = cptr<T>(a.gates); p.hprev = cptr<T>(a.hprev);
-  p.cprev = cptr<T>(a.cprev);
-  p.dgx = mptr<T>(a.dgx); p.dgh = mptr<T>(a.dgh); p.dh = mptr<T>(a.dh); p.dc = mptr<T>(a.dc);
-  p.dhtot = mptr<T>(a.dhtot);
+template <class T, class E = T>
+BackwardParams<E> backward_params(const LoopTensors& a, int d) {
+  const Shapes& s = a.s;
+  const int64_t GH = s.G * s.H;
+  auto at_d = [d](const at::Tensor& t) { return t.defined() && t.numel() > 0 ? t[d] : t; };
+  BackwardParams<E> p;
+  p.T = s.T; p.B = s.B; p.H = s.H; p.P = s.P;
+  p.ldy = s.D * s.P; p.ldg = s.D * GH;
+  p.w_hh = cptr<T, E>(at_d(a.w_hh)); p.w_hr = cptr<T, E>(at_d(a.w_hr));
+  p.lengths = lengths_ptr(a.lengths); p.reverse = a.reverse != (d == 1);
+  p.dy = a.dy.defined() ? cptr<T, E>(a.dy) + d * s.P : nullptr;
+  p.gates = cptr<T, E>(at_d(a.gates)); p.hprev = cptr<T, E>(at_d(a.hprev));
+  p.cprev = cptr<T, E>(at_d(a.cprev));
+  p.dgx = mptr<T, E>(a.dgx) + d * GH; p.dgh = mptr<T, E>(a.dgh) + d * GH;
+  p.dh = mptr<T, E>(at_d(a.dh)); p.dc = mptr<T, E>(at_d(a.dc));
+  p.dhtot = mptr<T, E>(at_d(a.dhtot));
   return p;
 }
 
-// Backends: run the time loop. Defined per device (cpu_loop.cpp, cuda/…).
+// Backends: run the time loop. Defined per device (cpu_loop.cpp, cuda_loop.cu).
 void cpu_forward_loop(const LoopTensors& a);
 void cpu_backward_loop(const LoopTensors& a);
 void cuda_forward_loop(const LoopTensors& a);

@@ -38,6 +38,10 @@ def _run_op(mode, x, state, weights, lengths=None, reverse=False):
     return y, (h,)
 
 
+# torch.nn's mode names -> the cells of torch.ops.fastrnn.
+_CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+
+
 # c10 ScalarType names, as torch spells them in its dtype mismatch message.
 _DTYPE_NAMES = {
     torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
@@ -78,7 +82,9 @@ def _check_lengths(lengths, batch, steps, device):
             f"lengths must be a 1-D tensor with one entry per sequence: expected shape "
             f"[{batch}], got {list(lengths.shape)}"
         )
-    if batch > 0:
+    # Reading the values is a host sync and, under torch.compile, a graph break; there the
+    # kernel's own check of the values (same messages, as RuntimeError) stands in.
+    if batch > 0 and not torch.compiler.is_compiling():
         lo, hi = (int(v) for v in torch.aminmax(lengths))  # one sync when on a GPU
         if lo < 0:
             raise ValueError(f"lengths must be non-negative, got {lo}")
@@ -137,21 +143,17 @@ class _RNNBase(RNNBase):
         return ValueError(f"{name}: Expected input to be 2D or 3D, got {dim}D{tail} instead")
 
     def _run_layer(self, layer, x, state, lengths):
-        """Run both directions of one layer.
+        """Run both directions of one layer in one fused call (they run concurrently).
 
         x: [T, B, I]; state: tuple of [num_directions, B, *] tensors.
         Returns (y [T, B, num_directions * P], final state tuple shaped like ``state``).
-        Kept as one call per layer so both directions can become one fused op.
         """
         num_directions = 2 if self.bidirectional else 1
-        ys, finals = [], []
-        for d in range(num_directions):
-            y, final = _run_op(self.mode, x, tuple(s[d] for s in state),
-                               self._weights(layer, d), lengths=lengths, reverse=d == 1)
-            ys.append(y)
-            finals.append(final)
-        y = ys[0] if num_directions == 1 else torch.cat(ys, dim=2)
-        return y, tuple(torch.stack(parts) for parts in zip(*finals))
+        weights = [self._weights(layer, d) for d in range(num_directions)]
+        cell = _CELLS[self.mode]
+        y, h, c = F.layer(cell, x, state[0], state[1] if cell == "lstm" else None, weights,
+                          lengths)
+        return y, ((h, c) if cell == "lstm" else (h,))
 
     def _run_layers(self, x, state, lengths):
         """x: [T, B, I]; state: tuple of [L * D, B, *]. Returns (y, final state tuple)."""

@@ -3,6 +3,12 @@
 The native library registers the schemas and the CPU/CUDA kernels; shapes for tracing
 and the backward formula's wiring live here, so ``torch.library.opcheck`` and
 ``torch.compile(fullgraph=True)`` see complete ops.
+
+``forward`` runs all directions (D = 1 or 2) of one layer at once. Per-direction
+arguments are stacked on a leading [D] axis: w_ih [D, G*H, I], w_hh [D, G*H, P],
+b_ih/b_hh [D, G*H], w_hr [D, P, H], h0 [D, B, P], c0 [D, B, H]. Direction d runs
+reversed when ``reverse != (d == 1)``. y is [T, B, D*P] with the directions side by
+side, h_n/c_n are [D, B, *], and the saved tensors are [D, T, B, *].
 """
 import torch
 
@@ -32,21 +38,21 @@ def _forward_fake(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, revers
     _check_like_x(x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr,
                   lengths=lengths)
     T, B, _ = x.shape
-    H = w_hh.shape[0] // _GATES[cell]
-    P = w_hh.shape[1]
+    D, GH, P = w_hh.shape
+    H = GH // _GATES[cell]
     lstm = cell == "lstm"
 
     def maybe(cond, *shape):
         return x.new_empty(shape if cond else (0,))
 
     return (
-        x.new_empty((T, B, P)),
-        x.new_empty((B, P)),
-        maybe(lstm, B, H),
-        maybe(save, T, B, _SAVED[cell] * H),
-        maybe(save, T, B, P),
-        maybe(save and lstm, T, B, H),
-        maybe(save and w_hr is not None, T, B, H),
+        x.new_empty((T, B, D * P)),
+        x.new_empty((D, B, P)),
+        maybe(lstm, D, B, H),
+        maybe(save, D, T, B, _SAVED[cell] * H),
+        maybe(save, D, T, B, P),
+        maybe(save and lstm, D, T, B, H),
+        maybe(save and w_hr is not None, D, T, B, H),
     )
 
 
@@ -54,20 +60,20 @@ def _forward_fake(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, revers
 def _backward_fake(cell, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, lengths, gates, hprev, cprev, m,
                    reverse, input_grad):
     T, B, _ = x.shape
-    H = w_hh.shape[0] // _GATES[cell]
-    P = w_hh.shape[1]
+    D, GH, P = w_hh.shape
+    H = GH // _GATES[cell]
 
     def maybe(cond, *shape):
         return x.new_empty(shape if cond else (0,))
 
     return (
         maybe(input_grad, *x.shape),
-        x.new_empty((B, P)),
-        maybe(cell == "lstm", B, H),
+        x.new_empty((D, B, P)),
+        maybe(cell == "lstm", D, B, H),
         x.new_empty(w_ih.shape),
         x.new_empty(w_hh.shape),
-        x.new_empty((w_hh.shape[0],)),
-        x.new_empty((w_hh.shape[0],)),
+        x.new_empty((D, GH)),
+        x.new_empty((D, GH)),
         maybe(w_hr is not None, *(w_hr.shape if w_hr is not None else (0,))),
     )
 

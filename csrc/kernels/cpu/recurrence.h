@@ -189,7 +189,7 @@ void forward_team(const ForwardParams<T>& p, const Gemm& gemm, T* ws, const Team
     const T* cin = Cell::kHasCell ? state(s, p.c0, p.c_n, p.cprev, cbuf, H) : nullptr;
     T* cout = Cell::kHasCell ? state(s + 1, p.c0, p.c_n, p.cprev, cbuf, H) : nullptr;
     T* mout = proj ? (saving ? p.m + t * B * H : mbuf) : nullptr;
-    T* yt = p.y + t * B * P;
+    T* yt = p.y + t * B * p.ldy;
 
     if (s == 0 && saving) {  // keep the initial state where backward looks for it
       for (int64_t b = 0; b < B; ++b) {
@@ -211,7 +211,7 @@ void forward_team(const ForwardParams<T>& p, const Gemm& gemm, T* ws, const Team
         if (proj) std::fill(mout + b * H + j0, mout + b * H + j1, T(0));
         if (!proj) {
           std::copy(hin + b * P + j0, hin + b * P + j1, hout + b * P + j0);
-          std::fill(yt + b * P + j0, yt + b * P + j1, T(0));
+          std::fill(yt + b * p.ldy + j0, yt + b * p.ldy + j1, T(0));
         }
         continue;
       }
@@ -219,14 +219,14 @@ void forward_team(const ForwardParams<T>& p, const Gemm& gemm, T* ws, const Team
       const T* cp = Cell::kHasCell ? cin + b * H + j0 : nullptr;
       T* c = Cell::kHasCell ? cout + b * H + j0 : nullptr;
       T* h = proj ? mout + b * H + j0 : hout + b * P + j0;
-      const T* x = p.gx + (t * B + b) * GH + j0;
+      const T* x = p.gx + (t * B + b) * p.ldgx + j0;
       const T* r = my_gh + b * G * hs;
       if (saving)
         forward_units<Cell, true>(hs, x, bias + j0, H, r, hs, hp, cp, h, c,
                                   p.gates + (t * B + b) * S * H + j0);
       else
         forward_units<Cell, false>(hs, x, bias + j0, H, r, hs, hp, cp, h, c, (T*)nullptr);
-      if (!proj) std::copy(h, h + hs, yt + b * P + j0);
+      if (!proj) std::copy(h, h + hs, yt + b * p.ldy + j0);
     }
     team.sync();
 
@@ -236,10 +236,10 @@ void forward_team(const ForwardParams<T>& p, const Gemm& gemm, T* ws, const Team
       for (int64_t b = 0; b < B; ++b) {
         T* hrow = hout + b * P;
         if (valid(p.lengths, b, t)) {
-          std::copy(hrow + p0, hrow + pr.end, yt + b * P + p0);
+          std::copy(hrow + p0, hrow + pr.end, yt + b * p.ldy + p0);
         } else {
           std::copy(hin + b * P + p0, hin + b * P + pr.end, hrow + p0);
-          std::fill(yt + b * P + p0, yt + b * P + pr.end, T(0));
+          std::fill(yt + b * p.ldy + p0, yt + b * p.ldy + pr.end, T(0));
         }
       }
       team.sync();
@@ -270,7 +270,7 @@ void backward_team(const BackwardParams<T>& p, const Gemm& gemm, T* ws, const Te
     for (int64_t b = 0; b < B; ++b) {
       const bool v = valid(p.lengths, b, t);
       if (v && p.dy)
-        for (int64_t q = p0; q < pr.end; ++q) dh[b * P + q] += p.dy[(t * B + b) * P + q];
+        for (int64_t q = p0; q < pr.end; ++q) dh[b * P + q] += p.dy[(t * B + b) * p.ldy + q];
       if (proj)
         for (int64_t q = p0; q < pr.end; ++q) p.dhtot[(t * B + b) * P + q] = v ? dh[b * P + q] : T(0);
     }
@@ -285,8 +285,8 @@ void backward_team(const BackwardParams<T>& p, const Gemm& gemm, T* ws, const Te
 
     // Phase B (H slice): gate gradients.
     for (int64_t b = 0; b < B; ++b) {
-      T* gx = p.dgx + (t * B + b) * GH;
-      T* gh = p.dgh + (t * B + b) * GH;
+      T* gx = p.dgx + (t * B + b) * p.ldg;
+      T* gh = p.dgh + (t * B + b) * p.ldg;
       if (!valid(p.lengths, b, t)) {  // padded: no gradient; dh, dc pass through
         for (int k = 0; k < G; ++k) {
           std::fill(gx + k * H + j0, gx + k * H + j1, T(0));
@@ -314,28 +314,42 @@ void backward_team(const BackwardParams<T>& p, const Gemm& gemm, T* ws, const Te
       for (int64_t b = 0; b < B; ++b)
         if (valid(p.lengths, b, t)) std::fill(dh + b * P + p0, dh + b * P + pr.end, T(0));
     if (ps > 0)
-      gemm.run(w_rec, p.dgh + t * B * GH, GH, T(1), dh + p0, P);
+      gemm.run(w_rec, p.dgh + t * B * p.ldg, p.ldg, T(1), dh + p0, P);
   }
 }
 
-// Threads worth using: about 64K multiply-adds per thread per step, at most max_threads.
-inline int team_size(int64_t B, int64_t GH, int64_t P, int max_threads) {
-  const int64_t work = std::max<int64_t>(B, 1) * GH * P / 65536;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads, work)));
+// Threads worth using for one direction: about 64K multiply-adds per thread per step.
+inline int team_size(int64_t B, int64_t GH, int64_t P) {
+  return static_cast<int>(std::max<int64_t>(1, std::max<int64_t>(B, 1) * GH * P / 65536));
 }
 
+// Runs fn(direction, team) for every direction. The directions run concurrently, each on
+// its own share of the threads with its own barrier; one thread runs them in turn.
 template <class Fn>
-void run_team(int nthreads, Fn&& fn) {
-  SpinBarrier barrier;
+void run_directions(int ndir, int want, int max_threads, Fn&& fn) {
+  SpinBarrier barriers[2];
+  const int nthreads = std::max(1, std::min(max_threads, want * ndir));
   if (nthreads == 1) {  // no parallel region: it would only add its own overhead
-    fn(Team{0, 1, &barrier});
+    for (int d = 0; d < ndir; ++d) fn(d, Team{0, 1, &barriers[d]});
     return;
   }
 #pragma omp parallel num_threads(nthreads)
   {
+    const int n = omp_get_num_threads(), tid = omp_get_thread_num();  // may be < nthreads
+    const int split = ndir == 2 && n > 1 ? n / 2 : n;  // threads of direction 0
 #pragma omp single
-    barrier.reset(omp_get_num_threads());  // the runtime may give fewer threads than asked
-    fn(Team{omp_get_thread_num(), omp_get_num_threads(), &barrier});
+    {
+      barriers[0].reset(split);
+      barriers[1].reset(n - split);
+    }
+    if (ndir == 2 && n == 1) {
+      fn(0, Team{0, 1, &barriers[0]});
+      fn(1, Team{0, 1, &barriers[1]});
+    } else if (tid < split) {
+      fn(0, Team{tid, split, &barriers[0]});
+    } else {
+      fn(1, Team{tid - split, n - split, &barriers[1]});
+    }
   }
 }
 
@@ -349,21 +363,24 @@ void dispatch_cell(CellKind kind, Fn&& fn) {
   }
 }
 
+// p[d], ws[d]: parameters and workspace of direction d < ndir (1 or 2).
 template <class T, class Gemm>
-void forward(CellKind kind, const ForwardParams<T>& p, const Gemm& gemm, T* ws, int max_threads) {
+void forward(CellKind kind, const ForwardParams<T>* p, int ndir, const Gemm& gemm, T* const* ws,
+             int max_threads) {
   dispatch_cell(kind, [&](auto cell) {
     using Cell = decltype(cell);
-    run_team(team_size(p.B, Cell::kGates * p.H, p.P, max_threads),
-             [&](const Team& team) { forward_team<Cell>(p, gemm, ws, team); });
+    run_directions(ndir, team_size(p[0].B, Cell::kGates * p[0].H, p[0].P), max_threads,
+                   [&](int d, const Team& team) { forward_team<Cell>(p[d], gemm, ws[d], team); });
   });
 }
 
 template <class T, class Gemm>
-void backward(CellKind kind, const BackwardParams<T>& p, const Gemm& gemm, T* ws, int max_threads) {
+void backward(CellKind kind, const BackwardParams<T>* p, int ndir, const Gemm& gemm,
+              T* const* ws, int max_threads) {
   dispatch_cell(kind, [&](auto cell) {
     using Cell = decltype(cell);
-    run_team(team_size(p.B, Cell::kGates * p.H, p.P, max_threads),
-             [&](const Team& team) { backward_team<Cell>(p, gemm, ws, team); });
+    run_directions(ndir, team_size(p[0].B, Cell::kGates * p[0].H, p[0].P), max_threads,
+                   [&](int d, const Team& team) { backward_team<Cell>(p[d], gemm, ws[d], team); });
   });
 }
 
