@@ -46,8 +46,10 @@ struct BackwardParams {
   const Scalar* cprev = nullptr;    // [T, B, H] LSTM only
   Scalar* dgx = nullptr;            // [T, B, ldg] out: d(pre-activation), input parts; 0 when padded
   Scalar* dgh = nullptr;            // [T, B, ldg] out: recurrent parts; may alias dgx (not GRU)
-  Scalar* dh = nullptr;             // [B, P] in: dh_n (or zeros), out: dh0
-  Scalar* dc = nullptr;             // [B, H] in: dc_n (or zeros), out: dc0 (LSTM only)
+  const Scalar* dh_n = nullptr;     // [B, P] gradient w.r.t. h_n, or nullptr (zero)
+  const Scalar* dc_n = nullptr;     // [B, H] gradient w.r.t. c_n, or nullptr (LSTM)
+  Scalar* dh0 = nullptr;            // [B, P] out: gradient w.r.t. h0
+  Scalar* dc0 = nullptr;            // [B, H] out: gradient w.r.t. c0 (LSTM only)
   Scalar* dhtot = nullptr;          // [T, B, P] out: total dL/dh per step, for dW_hr (proj only)
 };
 

@@ -78,8 +78,9 @@ struct CpuGemm {
     return p;
   }
 
-  void run(const PackedWeight<T>& W, const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
-    const int64_t M = W.M, N = W.N, K = W.K;
+  void run(const PackedWeight<T>& W, int64_t M, const T* A, int64_t lda, T beta, T* C,
+           int64_t ldc) const {
+    const int64_t N = W.N, K = W.K;
     if constexpr (std::is_same_v<T, float>) {
       if (!W.packed.empty()) {
         cblas_sgemm_compute(101, 111, 151, M, N, K, A, lda, W.packed.data(), N, beta, C, ldc);
@@ -118,12 +119,12 @@ void cpu_forward_loop(const LoopTensors& a) {
 }
 
 void cpu_backward_loop(const LoopTensors& a) {
-  AT_DISPATCH_FLOATING_TYPES(a.dh.scalar_type(), "fastrnn_cpu_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(a.dh0.scalar_type(), "fastrnn_cpu_backward", [&] {
     BackwardParams<scalar_t> p[2];
     scalar_t* ws[2];
     for (int d = 0; d < a.s.D; ++d) p[d] = backward_params<scalar_t>(a, d);
-    const int64_t n = cpu::backward_workspace(p[0]);
-    at::Tensor work = at::empty({a.s.D * n}, a.dh.options());
+    const int64_t n = cpu::backward_workspace(p[0], a.s.G);
+    at::Tensor work = at::empty({a.s.D * n}, a.dh0.options());
     for (int d = 0; d < a.s.D; ++d) ws[d] = work.mutable_data_ptr<scalar_t>() + d * n;
     cpu::backward(a.s.kind, p, a.s.D, CpuGemm<scalar_t>{}, ws, at::get_num_threads());
   });

@@ -71,9 +71,15 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
   LoopTensors a;
   a.s = s;
   a.reverse = reverse;
-  a.dh = opt(dh_n) ? dh_n->contiguous().clone() : at::zeros({s.D, s.B, s.P}, x.options());
-  a.dc = !lstm ? empty0(x)
-               : (opt(dc_n) ? dc_n->contiguous().clone() : at::zeros({s.D, s.B, s.H}, x.options()));
+  a.dh_n = contig(dh_n);
+  a.dc_n = contig(dc_n);
+  // With no step to run, the gradient reaches h0/c0 unchanged; else the loop writes them.
+  auto state_grad = [&](const at::Tensor& g, int64_t n) {
+    if (TB > 0) return at::empty({s.D, s.B, n}, x.options());
+    return g.defined() ? g.clone() : at::zeros({s.D, s.B, n}, x.options());
+  };
+  a.dh0 = state_grad(a.dh_n, s.P);
+  a.dc0 = lstm ? state_grad(a.dc_n, s.H) : empty0(x);
   a.dgx = at::empty({s.T, s.B, DGH}, x.options());  // directions side by side, like gx
   a.dgh = s.kind == CellKind::GRU ? at::empty({s.T, s.B, DGH}, x.options()) : a.dgx;
   a.dhtot = s.proj ? at::empty({s.D, s.T, s.B, s.P}, x.options()) : empty0(x);
@@ -103,7 +109,7 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
   at::Tensor dw_hr = s.proj ? at::bmm(a.dhtot.view({s.D, TB, s.P}).transpose(1, 2),
                                       m.contiguous().view({s.D, TB, s.H}))
                             : empty0(x);
-  return {dx, a.dh, a.dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
+  return {dx, a.dh0, a.dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
 }
 
 }  // namespace fastrnn

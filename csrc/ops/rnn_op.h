@@ -38,7 +38,7 @@ struct LoopTensors {
   Shapes s;
   bool reverse = false;
   at::Tensor gx, w_hh, b_hh, w_hr, h0, c0, lengths, y, h_n, c_n, gates, hprev, cprev, m;
-  at::Tensor dy, dgx, dgh, dh, dc, dhtot;  // backward only
+  at::Tensor dy, dh_n, dc_n, dgx, dgh, dh0, dc0, dhtot;  // backward only
 };
 
 // T: the tensor's scalar type; E: the element type the kernels see, of the same layout
@@ -90,7 +90,8 @@ BackwardParams<E> backward_params(const LoopTensors& a, int d) {
   p.gates = cptr<T, E>(at_d(a.gates)); p.hprev = cptr<T, E>(at_d(a.hprev));
   p.cprev = cptr<T, E>(at_d(a.cprev));
   p.dgx = mptr<T, E>(a.dgx) + d * GH; p.dgh = mptr<T, E>(a.dgh) + d * GH;
-  p.dh = mptr<T, E>(at_d(a.dh)); p.dc = mptr<T, E>(at_d(a.dc));
+  p.dh_n = cptr<T, E>(at_d(a.dh_n)); p.dc_n = cptr<T, E>(at_d(a.dc_n));
+  p.dh0 = mptr<T, E>(at_d(a.dh0)); p.dc0 = mptr<T, E>(at_d(a.dc0));
   p.dhtot = mptr<T, E>(at_d(a.dhtot));
   return p;
 }

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstdint>
 #include <thread>
+#include <vector>
 
 #include "../cells.h"
 #include "../params.h"
@@ -24,8 +25,8 @@ namespace cpu {
 //   auto w = gemm.pack(W, ldw, trans, K, N, M);
 //       prepares op(W) [K, N] for products with M rows; W is [N, K] row-major (leading
 //       dimension ldw) when trans, else [K, N]. Called once per thread before the loop.
-//   gemm.run(w, A, lda, beta, C, ldc);
-//       C[M, N] = A[M, K] op(W) + beta * C, row-major.
+//   gemm.run(w, m, A, lda, beta, C, ldc);
+//       C[m, N] = A[m, K] op(W) + beta * C, row-major, for any m <= M.
 //   auto guard = gemm.single_threaded();
 //       keeps the BLAS on the calling thread while the guard lives: run() is called inside
 //       the team, one call per thread and step.
@@ -82,15 +83,12 @@ inline int64_t forward_workspace(const ForwardParams<T>& p, int gates) {
 }
 
 template <class T>
-inline int64_t backward_workspace(const BackwardParams<T>& p) {
-  return p.w_hr ? p.B * p.H : 0;
+inline int64_t backward_workspace(const BackwardParams<T>& p, int gates) {
+  return p.B * p.P + 2 * p.B * p.H + 2 * p.B * gates * p.H;
 }
 
 inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
-inline bool valid(const int64_t* lengths, int64_t b, int64_t t) {
-  return lengths == nullptr || t < lengths[b];
-}
 
 // Gate math for units [0, n) of one batch row; pointers start at the row's first unit.
 // Gate k of unit u sits at x[k*xs + u], bias[k*xs + u] and r[k*rs + u]. Branch-free, so the
@@ -144,22 +142,47 @@ inline void backward_units(int64_t n, const T* save, int64_t xs, const T* hp, co
   }
 }
 
+// Rows in the order the loop visits them: longest sequence first, so the rows still
+// running at any step are a prefix and finished ones cost no GEMM or gate work.
+struct Schedule {
+  const int64_t* order = nullptr;   // [B] row of the i-th longest sequence
+  const int64_t* active = nullptr;  // [T] rows with t < lengths at time t (a prefix of order)
+};
+
+inline void make_schedule(const int64_t* lengths, int64_t T, int64_t B, int64_t* order,
+                          int64_t* active) {
+  for (int64_t b = 0; b < B; ++b) order[b] = b;
+  if (!lengths) {
+    std::fill(active, active + T, B);
+    return;
+  }
+  std::stable_sort(order, order + B, [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+  int64_t n = B;
+  for (int64_t t = 0; t < T; ++t) {
+    while (n > 0 && lengths[order[n - 1]] <= t) --n;
+    active[t] = n;
+  }
+}
+
 template <class Cell, class T, class Gemm>
-void forward_team(const ForwardParams<T>& p, const Gemm& gemm, T* ws, const Team& team) {
+void forward_team(const ForwardParams<T>& p, const Schedule& sched, const Gemm& gemm, T* ws,
+                  const Team& team) {
   constexpr int G = Cell::kGates, S = Cell::kSaved;
   const int64_t Tn = p.T, B = p.B, H = p.H, P = p.P, GH = G * H;
   const bool proj = p.w_hr != nullptr, saving = p.saving();
   const Range hr = split(H, team.size, team.rank);
   const Range pr = proj ? split(P, team.size, team.rank) : hr;
   const int64_t j0 = hr.begin, j1 = hr.end, hs = hr.size();
+  const int64_t p0 = pr.begin, p1 = pr.end, ps = pr.size();
+  const int64_t* order = sched.order;
 
-  // Workspace:
-  T* wpack = ws;             // [G*H, P] W_hh rows regrouped: thread slice at rows [G*j0, G*j1),
-                             //          gate-major [G, hs, P] within it
-  T* gh = wpack + GH * P;    // [B, G*H] recurrent pre-activations, per-thread blocks [B, G*hs]
-  T* hbuf = gh + B * GH;     // [2, B, P] ping-pong state (inference)
-  T* cbuf = hbuf + 2 * B * P;  // [2, B, H] ping-pong cell state (inference)
-  T* mbuf = cbuf + 2 * B * H;  // [B, H] output before projection (inference)
+  // Workspace. The running state is kept in schedule order (row i = order[i]).
+  T* wpack = ws;               // [G*H, P] W_hh rows regrouped: thread slice at rows
+                               //          [G*j0, G*j1), gate-major [G, hs, P] within it
+  T* gh = wpack + GH * P;      // [B, G*H] recurrent pre-activations, per-thread [B, G*hs]
+  T* hbuf = gh + B * GH;       // [2, B, P] ping-pong h, schedule order
+  T* cbuf = hbuf + 2 * B * P;  // [2, B, H] ping-pong c, schedule order
+  T* mbuf = cbuf + 2 * B * H;  // [B, H] output before projection, schedule order
   T* zeros = mbuf + B * H;     // [G*H] stands in for a missing b_hh
   if (!p.b_hh)  // each thread reads only its own units of every gate
     for (int k = 0; k < G; ++k) std::fill(zeros + k * H + j0, zeros + k * H + j1, T(0));
@@ -172,149 +195,170 @@ void forward_team(const ForwardParams<T>& p, const Gemm& gemm, T* ws, const Team
       std::copy_n(p.w_hh + (k * H + j) * P, P, my_w + (k * hs + j - j0) * P);
   const auto blas_guard = gemm.single_threaded();
   const auto w_rec = gemm.pack(my_w, P, true, P, G * hs, B);  // [P, G*hs]
-  const auto w_proj = gemm.pack(proj ? p.w_hr + pr.begin * H : nullptr, H, true, H,
-                                proj ? pr.size() : 0, B);  // [H, ps]
+  const auto w_proj = gemm.pack(proj ? p.w_hr + p0 * H : nullptr, H, true, H, proj ? ps : 0, B);
 
-  auto state = [&](int64_t s, const T* init, T* last, T* saved, T* buf, int64_t n) -> T* {
-    // State entering step s (s in [0, T]); step T's "entering" state is the final one.
-    if (s == Tn) return last;
-    if (s == 0) return const_cast<T*>(init);
-    return saved ? saved + time_of(s, Tn, p.reverse) * B * n : buf + (s % 2) * B * n;
-  };
+  // Initial state into schedule order; each thread copies the columns it will update.
+  for (int64_t i = 0; i < B; ++i) {
+    std::copy(p.h0 + order[i] * P + p0, p.h0 + order[i] * P + p1, hbuf + i * P + p0);
+    if (Cell::kHasCell) std::copy(p.c0 + order[i] * H + j0, p.c0 + order[i] * H + j1, cbuf + i * H + j0);
+  }
+  team.sync();  // the first GEMM reads every column of h
 
   for (int64_t s = 0; s < Tn; ++s) {
-    const int64_t t = time_of(s, Tn, p.reverse);
-    const T* hin = state(s, p.h0, p.h_n, p.hprev, hbuf, P);
-    T* hout = state(s + 1, p.h0, p.h_n, p.hprev, hbuf, P);
-    const T* cin = Cell::kHasCell ? state(s, p.c0, p.c_n, p.cprev, cbuf, H) : nullptr;
-    T* cout = Cell::kHasCell ? state(s + 1, p.c0, p.c_n, p.cprev, cbuf, H) : nullptr;
-    T* mout = proj ? (saving ? p.m + t * B * H : mbuf) : nullptr;
+    const int64_t t = time_of(s, Tn, p.reverse), n = sched.active[t];
+    const T* hin = hbuf + (s % 2) * B * P;
+    T* hout = hbuf + ((s + 1) % 2) * B * P;
+    const T* cin = cbuf + (s % 2) * B * H;
+    T* cout = cbuf + ((s + 1) % 2) * B * H;
     T* yt = p.y + t * B * p.ldy;
 
-    if (s == 0 && saving) {  // keep the initial state where backward looks for it
-      for (int64_t b = 0; b < B; ++b) {
-        std::copy(p.h0 + b * P + pr.begin, p.h0 + b * P + pr.end, p.hprev + (t * B + b) * P + pr.begin);
-        if (Cell::kHasCell)
-          std::copy(p.c0 + b * H + j0, p.c0 + b * H + j1, p.cprev + (t * B + b) * H + j0);
+    if (hs > 0 && n > 0) gemm.run(w_rec, n, hin, P, T(0), my_gh, G * hs);
+
+    for (int64_t i = 0; i < B; ++i) {
+      const int64_t row = t * B + order[i];
+      if (saving) {  // what backward reads: the state entering this step
+        std::copy(hin + i * P + p0, hin + i * P + p1, p.hprev + row * P + p0);
+        if (Cell::kHasCell) std::copy(cin + i * H + j0, cin + i * H + j1, p.cprev + row * H + j0);
       }
-    }
-
-    if (hs > 0) gemm.run(w_rec, hin, P, T(0), my_gh, G * hs);
-
-    for (int64_t b = 0; b < B; ++b) {
-      if (!valid(p.lengths, b, t)) {  // finished (or not yet started) row: state passes through
-        if (Cell::kHasCell) std::copy(cin + b * H + j0, cin + b * H + j1, cout + b * H + j0);
-        if (saving) {  // saved values of padded steps are never read; keep them defined
-          for (int k = 0; k < S; ++k)
-            std::fill_n(p.gates + (t * B + b) * S * H + k * H + j0, hs, T(0));
-        }
-        if (proj) std::fill(mout + b * H + j0, mout + b * H + j1, T(0));
-        if (!proj) {
-          std::copy(hin + b * P + j0, hin + b * P + j1, hout + b * P + j0);
-          std::fill(yt + b * p.ldy + j0, yt + b * p.ldy + j1, T(0));
+      if (i >= n) {  // finished or not yet started: state passes through, output is zero
+        if (Cell::kHasCell) std::copy(cin + i * H + j0, cin + i * H + j1, cout + i * H + j0);
+        std::copy(hin + i * P + p0, hin + i * P + p1, hout + i * P + p0);
+        std::fill(yt + order[i] * p.ldy + p0, yt + order[i] * p.ldy + p1, T(0));
+        if (saving) {  // never read by backward; kept defined
+          for (int k = 0; k < S; ++k) std::fill_n(p.gates + row * S * H + k * H + j0, hs, T(0));
+          if (proj) std::fill(p.m + row * H + j0, p.m + row * H + j1, T(0));
         }
         continue;
       }
-      const T* hp = Cell::kUsesPrevH ? hin + b * P + j0 : nullptr;
-      const T* cp = Cell::kHasCell ? cin + b * H + j0 : nullptr;
-      T* c = Cell::kHasCell ? cout + b * H + j0 : nullptr;
-      T* h = proj ? mout + b * H + j0 : hout + b * P + j0;
-      const T* x = p.gx + (t * B + b) * p.ldgx + j0;
-      const T* r = my_gh + b * G * hs;
+      const T* hp = Cell::kUsesPrevH ? hin + i * P + j0 : nullptr;
+      const T* cp = Cell::kHasCell ? cin + i * H + j0 : nullptr;
+      T* c = Cell::kHasCell ? cout + i * H + j0 : nullptr;
+      T* h = proj ? mbuf + i * H + j0 : hout + i * P + j0;
+      const T* x = p.gx + row * p.ldgx + j0;
+      const T* r = my_gh + i * G * hs;
       if (saving)
         forward_units<Cell, true>(hs, x, bias + j0, H, r, hs, hp, cp, h, c,
-                                  p.gates + (t * B + b) * S * H + j0);
+                                  p.gates + row * S * H + j0);
       else
         forward_units<Cell, false>(hs, x, bias + j0, H, r, hs, hp, cp, h, c, (T*)nullptr);
-      if (!proj) std::copy(h, h + hs, yt + b * p.ldy + j0);
+      if (proj) {
+        if (saving) std::copy(h, h + hs, p.m + row * H + j0);
+      } else {
+        std::copy(h, h + hs, yt + order[i] * p.ldy + j0);
+      }
     }
     team.sync();
 
-    if (proj) {  // h = m W_hr^T, split over the P outputs
-      const int64_t p0 = pr.begin, ps = pr.size();
-      if (ps > 0) gemm.run(w_proj, mout, H, T(0), hout + p0, P);
-      for (int64_t b = 0; b < B; ++b) {
-        T* hrow = hout + b * P;
-        if (valid(p.lengths, b, t)) {
-          std::copy(hrow + p0, hrow + pr.end, yt + b * p.ldy + p0);
-        } else {
-          std::copy(hin + b * P + p0, hin + b * P + pr.end, hrow + p0);
-          std::fill(yt + b * p.ldy + p0, yt + b * p.ldy + pr.end, T(0));
-        }
-      }
+    if (proj) {  // h = m W_hr^T for the running rows, split over the P outputs
+      if (ps > 0 && n > 0) gemm.run(w_proj, n, mbuf, H, T(0), hout + p0, P);
+      for (int64_t i = 0; i < n; ++i)
+        std::copy(hout + i * P + p0, hout + i * P + p1, yt + order[i] * p.ldy + p0);
       team.sync();
     }
+  }
+
+  // Final state back to the caller's row order.
+  const T* hlast = hbuf + (Tn % 2) * B * P;
+  const T* clast = cbuf + (Tn % 2) * B * H;
+  for (int64_t i = 0; i < B; ++i) {
+    std::copy(hlast + i * P + p0, hlast + i * P + p1, p.h_n + order[i] * P + p0);
+    if (Cell::kHasCell) std::copy(clast + i * H + j0, clast + i * H + j1, p.c_n + order[i] * H + j0);
   }
 }
 
 template <class Cell, class T, class Gemm>
-void backward_team(const BackwardParams<T>& p, const Gemm& gemm, T* ws, const Team& team) {
+void backward_team(const BackwardParams<T>& p, const Schedule& sched, const Gemm& gemm, T* ws,
+                   const Team& team) {
   constexpr int G = Cell::kGates, S = Cell::kSaved;
   const int64_t Tn = p.T, B = p.B, H = p.H, P = p.P, GH = G * H;
   const bool proj = p.w_hr != nullptr;
   const Range hr = split(H, team.size, team.rank);
   const Range pr = proj ? split(P, team.size, team.rank) : hr;
   const int64_t j0 = hr.begin, j1 = hr.end, hs = hr.size();
-  const int64_t p0 = pr.begin, ps = pr.size();
-  T* dm = ws;  // [B, H] dL/d(output before projection), proj only
+  const int64_t p0 = pr.begin, p1 = pr.end, ps = pr.size();
+  const int64_t* order = sched.order;
+
+  // Workspace, all in schedule order (row i = order[i]):
+  T* dh = ws;                // [B, P] dL/dh carried to the previous step
+  T* dc = dh + B * P;        // [B, H] dL/dc carried to the previous step (LSTM)
+  T* dm = dc + B * H;        // [B, H] dL/d(output before projection) (proj)
+  T* dg = dm + B * H;        // [2, B, G*H] this step's dgh, ping-pong: the GEMM of one
+                             //             step may still read it while the next is written
   const auto blas_guard = gemm.single_threaded();
   const auto w_rec = gemm.pack(p.w_hh + p0, P, false, GH, ps, B);  // [G*H, ps] column slice
   const auto w_proj = gemm.pack(proj ? p.w_hr + j0 : nullptr, H, false, P, proj ? hs : 0, B);
-  T* dh = p.dh;
-  T* dc = p.dc;
+
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t b = order[i];
+    if (p.dh_n) std::copy(p.dh_n + b * P + p0, p.dh_n + b * P + p1, dh + i * P + p0);
+    else std::fill(dh + i * P + p0, dh + i * P + p1, T(0));
+    if (Cell::kHasCell) {
+      if (p.dc_n) std::copy(p.dc_n + b * H + j0, p.dc_n + b * H + j1, dc + i * H + j0);
+      else std::fill(dc + i * H + j0, dc + i * H + j1, T(0));
+    }
+  }
 
   for (int64_t s = Tn - 1; s >= 0; --s) {
-    const int64_t t = time_of(s, Tn, p.reverse);
+    const int64_t t = time_of(s, Tn, p.reverse), n = sched.active[t];
+    T* dgs = dg + (s % 2) * B * GH;
 
     // Phase A (P slice): total gradient w.r.t. this step's output h.
-    for (int64_t b = 0; b < B; ++b) {
-      const bool v = valid(p.lengths, b, t);
-      if (v && p.dy)
-        for (int64_t q = p0; q < pr.end; ++q) dh[b * P + q] += p.dy[(t * B + b) * p.ldy + q];
+    for (int64_t i = 0; i < B; ++i) {
+      const int64_t row = t * B + order[i];
+      if (i < n && p.dy)
+        for (int64_t q = p0; q < p1; ++q) dh[i * P + q] += p.dy[row * p.ldy + q];
       if (proj)
-        for (int64_t q = p0; q < pr.end; ++q) p.dhtot[(t * B + b) * P + q] = v ? dh[b * P + q] : T(0);
+        for (int64_t q = p0; q < p1; ++q) p.dhtot[row * P + q] = i < n ? dh[i * P + q] : T(0);
     }
     const T* dout = dh;  // gradient w.r.t. the cell output, ld = P (== H without projection)
     int64_t ld = P;
     if (proj) {
       team.sync();
-      if (hs > 0) gemm.run(w_proj, dh, P, T(0), dm + j0, H);
+      if (hs > 0 && n > 0) gemm.run(w_proj, n, dh, P, T(0), dm + j0, H);
       dout = dm;
       ld = H;
     }
 
-    // Phase B (H slice): gate gradients.
-    for (int64_t b = 0; b < B; ++b) {
-      T* gx = p.dgx + (t * B + b) * p.ldg;
-      T* gh = p.dgh + (t * B + b) * p.ldg;
-      if (!valid(p.lengths, b, t)) {  // padded: no gradient; dh, dc pass through
+    // Phase B (H slice): gate gradients, to dgx/dgh (caller's row order) and to dgs.
+    for (int64_t i = 0; i < B; ++i) {
+      const int64_t row = t * B + order[i];
+      T* gx = p.dgx + row * p.ldg;
+      T* gh = p.dgh + row * p.ldg;
+      if (i >= n) {  // padded: no gradient; dh, dc pass through
         for (int k = 0; k < G; ++k) {
           std::fill(gx + k * H + j0, gx + k * H + j1, T(0));
           if (Cell::kSplitGrad) std::fill(gh + k * H + j0, gh + k * H + j1, T(0));
         }
         continue;
       }
-      const int64_t row = t * B + b;
       const T* hp = Cell::kUsesPrevH ? p.hprev + row * P + j0 : nullptr;
       const T* cp = Cell::kHasCell ? p.cprev + row * H + j0 : nullptr;
-      T* dcr = Cell::kHasCell ? dc + b * H + j0 : nullptr;
+      T* dcr = Cell::kHasCell ? dc + i * H + j0 : nullptr;
       const T* save = p.gates + row * S * H + j0;
+      T* gc = dgs + i * GH + j0;  // compact copy for the GEMM below
       if (proj)
-        backward_units<Cell, false>(hs, save, H, hp, cp, dout + b * ld + j0, dcr, gx + j0,
-                                    gh + j0, (T*)nullptr);
+        backward_units<Cell, false>(hs, save, H, hp, cp, dout + i * ld + j0, dcr, gx + j0,
+                                    Cell::kSplitGrad ? gh + j0 : nullptr, (T*)nullptr);
       else  // the GEMM below adds the W_hh part to the direct part written here
-        backward_units<Cell, true>(hs, save, H, hp, cp, dout + b * ld + j0, dcr, gx + j0,
-                                   gh + j0, dh + b * P + j0);
+        backward_units<Cell, true>(hs, save, H, hp, cp, dout + i * ld + j0, dcr, gx + j0,
+                                   Cell::kSplitGrad ? gh + j0 : nullptr, dh + i * P + j0);
+      const T* src = Cell::kSplitGrad ? gh : gx;
+      for (int k = 0; k < G; ++k) std::copy(src + k * H + j0, src + k * H + j1, gc + k * H);
     }
     team.sync();
 
-    // Phase C (P slice): dh_prev = direct part + dgh W_hh. Padded rows have dgh = 0 and
-    // keep dh as it was, so the gradient passes through them unchanged.
+    // Phase C (P slice): dh_prev = direct part + dgh W_hh for the running rows; the
+    // others keep dh as it was, so the gradient passes through padded steps unchanged.
     if (proj)
-      for (int64_t b = 0; b < B; ++b)
-        if (valid(p.lengths, b, t)) std::fill(dh + b * P + p0, dh + b * P + pr.end, T(0));
-    if (ps > 0)
-      gemm.run(w_rec, p.dgh + t * B * p.ldg, p.ldg, T(1), dh + p0, P);
+      for (int64_t i = 0; i < n; ++i) std::fill(dh + i * P + p0, dh + i * P + p1, T(0));
+    if (ps > 0 && n > 0) gemm.run(w_rec, n, dgs, GH, T(1), dh + p0, P);
+  }
+
+  team.sync();  // dh of every column is final
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t b = order[i];
+    std::copy(dh + i * P + p0, dh + i * P + p1, p.dh0 + b * P + p0);
+    if (Cell::kHasCell) std::copy(dc + i * H + j0, dc + i * H + j1, p.dc0 + b * H + j0);
   }
 }
 
@@ -363,24 +407,35 @@ void dispatch_cell(CellKind kind, Fn&& fn) {
   }
 }
 
-// p[d], ws[d]: parameters and workspace of direction d < ndir (1 or 2).
+// p[d], ws[d]: parameters and workspace of direction d < ndir (1 or 2). The directions
+// share lengths, so they share one schedule.
 template <class T, class Gemm>
 void forward(CellKind kind, const ForwardParams<T>* p, int ndir, const Gemm& gemm, T* const* ws,
              int max_threads) {
+  std::vector<int64_t> order(p[0].B), active(p[0].T);
+  make_schedule(p[0].lengths, p[0].T, p[0].B, order.data(), active.data());
+  const Schedule sched{order.data(), active.data()};
   dispatch_cell(kind, [&](auto cell) {
     using Cell = decltype(cell);
     run_directions(ndir, team_size(p[0].B, Cell::kGates * p[0].H, p[0].P), max_threads,
-                   [&](int d, const Team& team) { forward_team<Cell>(p[d], gemm, ws[d], team); });
+                   [&](int d, const Team& team) {
+                     forward_team<Cell>(p[d], sched, gemm, ws[d], team);
+                   });
   });
 }
 
 template <class T, class Gemm>
 void backward(CellKind kind, const BackwardParams<T>* p, int ndir, const Gemm& gemm,
               T* const* ws, int max_threads) {
+  std::vector<int64_t> order(p[0].B), active(p[0].T);
+  make_schedule(p[0].lengths, p[0].T, p[0].B, order.data(), active.data());
+  const Schedule sched{order.data(), active.data()};
   dispatch_cell(kind, [&](auto cell) {
     using Cell = decltype(cell);
     run_directions(ndir, team_size(p[0].B, Cell::kGates * p[0].H, p[0].P), max_threads,
-                   [&](int d, const Team& team) { backward_team<Cell>(p[d], gemm, ws[d], team); });
+                   [&](int d, const Team& team) {
+                     backward_team<Cell>(p[d], sched, gemm, ws[d], team);
+                   });
   });
 }
 
