@@ -105,7 +105,8 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                              : empty0(x);
   at::Tensor dw_ih = at::mm(dgx.t(), x.view({TB, s.I})).view({s.D, GH, s.I});
   at::Tensor dw_hh = at::bmm(dgh.transpose(1, 2), hprev.contiguous().view({s.D, TB, s.P}));
-  at::Tensor db_ih = dgx.sum(0).view({s.D, GH}), db_hh = dgh.sum(1);
+  at::Tensor db_ih = dgx.sum(0).view({s.D, GH});
+  at::Tensor db_hh = s.kind == CellKind::GRU ? dgh.sum(1) : db_ih.clone();  // same sum otherwise
   at::Tensor dw_hr = s.proj ? at::bmm(a.dhtot.view({s.D, TB, s.P}).transpose(1, 2),
                                       m.contiguous().view({s.D, TB, s.H}))
                             : empty0(x);

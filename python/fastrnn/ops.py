@@ -99,3 +99,42 @@ def _backward(ctx, dy, dh_n, dc_n, *_saved_grads):
 
 
 torch.library.register_autograd("fastrnn::forward", _backward, setup_context=_setup_context)
+
+
+# Autocast. The CPU kernels compute in float32 or float64 only, so under CPU autocast
+# the op runs in float32 (float32/bfloat16/float16 inputs are cast up) and y, h_n and c_n
+# come back in the autocast dtype, as torch.nn.LSTM's do there; the recurrence itself is
+# never rounded to bfloat16. Under CUDA autocast the inputs are cast to the autocast dtype
+# and the kernels run in it, as cuDNN's RNNs do. float64 tensors are left as they are on
+# both, as autocast does for torch's own ops. Saved-for-backward outputs stay in the
+# compute dtype; gradients reach the parameters in their own dtype through the casts.
+_autocast_lib = torch.library.Library("fastrnn", "IMPL")
+
+
+def _register_autocast(device_type):
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+
+    def kernel(_keyset, *args):
+        out_dtype = torch.get_autocast_dtype(device_type)
+        run_dtype = torch.float32 if device_type == "cpu" else out_dtype
+
+        def eligible(t):
+            return (isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and t.device.type == device_type and t.dtype != torch.float64)
+
+        cast = eligible(args[1])  # args[1] is x
+        if cast:
+            args = tuple(a.to(run_dtype) if eligible(a) else a for a in args)
+        with torch._C._ExcludeDispatchKeyGuard(exclude):
+            out = forward(*args)
+        if not cast or run_dtype == out_dtype:
+            return out
+        return tuple(t.to(out_dtype) for t in out[:3]) + tuple(out[3:])
+
+    _autocast_lib.impl("forward", kernel, key_name, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    if torch.amp.is_autocast_available(_device_type):
+        _register_autocast(_device_type)

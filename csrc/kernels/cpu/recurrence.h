@@ -362,9 +362,11 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, const Gemm
   }
 }
 
-// Threads worth using for one direction: about 64K multiply-adds per thread per step.
+// Threads worth using for one direction: one per 16K multiply-adds per step, 0 when even
+// one is too many to be worth a parallel region (below that the synchronisation costs more
+// than the split saves).
 inline int team_size(int64_t B, int64_t GH, int64_t P) {
-  return static_cast<int>(std::max<int64_t>(1, std::max<int64_t>(B, 1) * GH * P / 65536));
+  return static_cast<int>(std::max<int64_t>(B, 1) * GH * P / 16384);
 }
 
 // Runs fn(direction, team) for every direction. The directions run concurrently, each on
@@ -372,7 +374,7 @@ inline int team_size(int64_t B, int64_t GH, int64_t P) {
 template <class Fn>
 void run_directions(int ndir, int want, int max_threads, Fn&& fn) {
   SpinBarrier barriers[2];
-  const int nthreads = std::max(1, std::min(max_threads, want * ndir));
+  const int nthreads = std::max(1, std::min(max_threads, want * ndir));  // 1: run in turn
   if (nthreads == 1) {  // no parallel region: it would only add its own overhead
     for (int d = 0; d < ndir; ++d) fn(d, Team{0, 1, &barriers[d]});
     return;

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# GPU check, for a machine with an NVIDIA GPU, a CUDA build of torch, nvcc, cmake, ninja,
+# pybind11 and scikit-build-core already installed (no network needed):
+#   1. builds and installs fastrnn with its CUDA kernels (FASTRNN_CUDA=ON: no silent CPU-only build),
+#   2. compiles the torch-free kernels alone (.ci/compile_cuda.sh),
+#   3. runs the whole test suite (tests/test_cuda.py is the CUDA part),
+#   4. runs a short benchmark against torch.nn on the GPU.
+# Logs, the JUnit report, bench JSON and PNG go to $OUT when set, else to bench/results/gpu_check/.
+# Optional: FASTRNN_CUDA_ARCHS=90 (say) to build for fewer architectures than torch's list;
+# GPU_CHECK_TESTS="tests/test_cuda.py" to run part of the suite; GPU_CHECK_BENCH=0 to skip the
+# benchmark (for a run that must fit a short time limit).
+# Exit status: non-zero if any step failed (later steps still run once the build works).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${OUT:-bench/results/gpu_check}"
+mkdir -p "$OUT_DIR"
+status=0
+
+{
+  echo "== $(date -u +%FT%TZ)"
+  nvidia-smi || true
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2
+  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'devices', torch.cuda.device_count(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+} 2>&1 | tee "$OUT_DIR/env.txt"
+
+echo "== build"
+defines=(--config-settings=cmake.define.FASTRNN_CUDA=ON)
+if [[ -n "${FASTRNN_CUDA_ARCHS:-}" ]]; then
+  defines+=("--config-settings=cmake.define.FASTRNN_CUDA_ARCHS=${FASTRNN_CUDA_ARCHS}")
+fi
+if ! pip install --no-build-isolation -v "${defines[@]}" -e . > "$OUT_DIR/build.log" 2>&1; then
+  tail -n 60 "$OUT_DIR/build.log"
+  echo "gpu_check: FAILED: build (full log in $OUT_DIR/build.log)"
+  exit 1
+fi
+grep -E "fastrnn:|PyTorch: CUDA" "$OUT_DIR/build.log" || true
+if ! python -c "import fastrnn.ops as o, sys; sys.exit(0 if o._C.cuda else 1)"; then
+  echo "gpu_check: FAILED: fastrnn was built without its CUDA kernels (see $OUT_DIR/build.log)"
+  exit 1
+fi
+
+echo "== compile check of the torch-free kernels"
+bash .ci/compile_cuda.sh 2>&1 | tee "$OUT_DIR/compile_cuda.log" || status=1
+
+echo "== tests"
+read -r -a test_targets <<< "${GPU_CHECK_TESTS:-tests/}"
+python -m pytest -q -rs "${test_targets[@]}" --junitxml="$OUT_DIR/pytest.xml" 2>&1 | tee "$OUT_DIR/pytest.log"
+[[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+
+if [[ "${GPU_CHECK_BENCH:-1}" != 0 ]]; then
+  echo "== benchmark"
+  python bench/bench_rnn.py --device cuda --cells lstm,gru,rnn --modes inference,training,varlen \
+    --shapes "64,256,512,512;16,100,256,256" \
+    --json "$OUT_DIR/bench_cuda.json" --png "$OUT_DIR/bench_cuda.png" 2>&1 | tee "$OUT_DIR/bench.log"
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+fi
+
+if [[ $status -eq 0 ]]; then
+  echo "gpu_check: all steps passed; logs in $OUT_DIR"
+else
+  echo "gpu_check: FAILED: see the logs in $OUT_DIR"
+fi
+exit $status

@@ -1,0 +1,436 @@
+"""The CUDA kernels: parity with the float64 CPU path and with torch.nn (cuDNN), lengths on
+the GPU, low precision, streams and devices, opcheck. Skipped without a GPU.
+
+Tolerances: float64 against the CPU path at 1e-9 (same algorithm, only the GEMMs' summation
+order and the device's exp/tanh differ); float64 against cuDNN at PyTorch's own 5e-5 for
+cuDNN vs CPU; float32 against cuDNN (TF32 off) at 2e-5 on small shapes. float16 and bfloat16
+follow flash-attention's rule: the error against a float64 reference on the same (rounded)
+inputs is at most twice torch.nn's own error in that dtype, plus one unit of the dtype at
+the reference's scale. (float32 is left out of that rule: there both errors are a few units
+of GEMM summation noise, and their ratio is noise too.)
+"""
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import fastrnn
+from fastrnn import functional as F
+from fastrnn import ops
+
+from test_functional import (CELLS, call, leaves, lengths_for, make_inputs, op_args,
+                             op_samples, torch_module, torch_run)
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.filterwarnings("ignore:LSTM with projections:UserWarning"),
+]
+BUILT_WITH_CUDA = bool(getattr(fastrnn.ops._C, "cuda", False))
+needs_cuda_build = pytest.mark.skipif(not BUILT_WITH_CUDA,
+                                      reason="fastrnn was built without CUDA kernels")
+DEV = "cuda"
+CELL_PROJ = [(c, 0) for c in CELLS] + [("lstm", 3)]
+CELL_PROJ_IDS = CELLS + ["lstm_proj"]
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """TF32 off, so float32 GEMMs (ours and cuDNN's) keep their 24 bits."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def moved(inp, device=None, dtype=None):
+    """Leaf copies of every tensor of `inp` on `device` (default: the GPU), optionally cast."""
+    return {k: None if v is None else
+            v.detach().to(device=device or DEV, dtype=dtype or v.dtype).requires_grad_()
+            for k, v in inp.items()}
+
+
+def out_weights(outs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+
+
+def grads_of(outs, inputs, weights):
+    """Gradients of sum(o * w) w.r.t. `inputs` (zeros where unused)."""
+    loss = sum((o * w.to(device=o.device, dtype=o.dtype)).sum() for o, w in zip(outs, weights))
+    gs = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, gs)]
+
+
+def run(inp, cell, lengths=None, reverse=False, weights=None):
+    """fastrnn.functional on `inp`'s device: outputs and the gradient of every leaf."""
+    outs = [o for o in call(F, cell, inp, lengths, reverse) if o is not None]
+    names = list(leaves(inp))
+    weights = weights or out_weights(outs)
+    return outs, dict(zip(names, grads_of(outs, [inp[k] for k in names], weights)))
+
+
+def assert_close_all(a, b, **tol):
+    for i, (x, y) in enumerate(zip(a, b)):
+        torch.testing.assert_close(x.cpu(), y.cpu(), **tol, msg=lambda m: f"output {i}: {m}")
+
+
+def assert_grads_close(ga, gb, **tol):
+    assert ga.keys() == gb.keys()
+    for k in ga:
+        torch.testing.assert_close(ga[k].cpu(), gb[k].cpu(), **tol, msg=lambda m: f"d{k}: {m}")
+
+
+def test_built_with_cuda():
+    assert BUILT_WITH_CUDA, (
+        "a GPU is present but fastrnn was built without CUDA kernels: rebuild with a CUDA "
+        "build of torch and nvcc on PATH (see cmake/cuda.cmake)")
+
+
+# ---- float64 against the CPU path -----------------------------------------------------
+
+SIZES = [(1, 1, 1, 1), (5, 3, 4, 6), (9, 16, 20, 100), (40, 7, 12, 33)]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("lengths", ["none", "mixed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("cell, proj", CELL_PROJ, ids=CELL_PROJ_IDS)
+def test_matches_cpu_fp64(cell, proj, bias, reverse, lengths, size):
+    T, B, I, H = size
+    if proj and proj >= H:
+        pytest.skip("proj_size must be smaller than hidden_size")
+    inp = make_inputs(cell, T, B, I, H, bias=bias, proj=proj)
+    lens = lengths_for(lengths, T, B)
+    ref_out, ref_g = run(inp, cell, lens, reverse)
+    gpu = moved(inp)
+    out, g = run(gpu, cell, None if lens is None else lens.to(DEV), reverse)
+    assert all(o.device.type == "cuda" for o in out)
+    assert_close_all(out, ref_out, atol=1e-9, rtol=1e-7)
+    assert_grads_close(g, ref_g, atol=1e-9, rtol=1e-7)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("lengths", ["none", "mixed"])
+@pytest.mark.parametrize("cell, proj", CELL_PROJ, ids=CELL_PROJ_IDS)
+def test_bidirectional_layer_matches_cpu(cell, proj, lengths):
+    T, B, I, H = 11, 9, 6, 24
+    dirs = [make_inputs(cell, T, B, I, H, proj=proj, seed=s) for s in (1, 2)]
+    dirs[1]["x"] = dirs[0]["x"]
+    lens = lengths_for(lengths, T, B)
+    keys = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+
+    def both(dirs, lens):
+        c0 = torch.stack([d["c0"] for d in dirs]) if cell == "lstm" else None
+        outs = F.layer(cell, dirs[0]["x"], torch.stack([d["h0"] for d in dirs]), c0,
+                       [tuple(d[k] for k in keys) for d in dirs], lens)
+        outs = [o for o in outs if o is not None]
+        inputs = [dirs[0]["x"]] + [v for d in dirs for k, v in leaves(d).items() if k != "x"]
+        return outs, grads_of(outs, inputs, out_weights(outs))
+
+    ref_out, ref_g = both(dirs, lens)
+    gpu = [moved(d) for d in dirs]
+    gpu[1]["x"] = gpu[0]["x"]
+    out, g = both(gpu, None if lens is None else lens.to(DEV))
+    assert_close_all(out, ref_out, atol=1e-9, rtol=1e-7)
+    assert_close_all(g, ref_g, atol=1e-9, rtol=1e-7)
+
+
+# ---- against torch.nn on the GPU (cuDNN) ----------------------------------------------
+
+def torch_grads(cell, mod, inp, outs, weights):
+    inputs = [inp["x"], inp["h0"]] + ([inp["c0"]] if cell == "lstm" else [])
+    params = [getattr(mod, n) for n in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0",
+                                        "bias_hh_l0", "weight_hr_l0") if hasattr(mod, n)]
+    return grads_of(outs, inputs + params, weights)
+
+
+def ours_in_torch_order(cell, g):
+    keys = ["x", "h0"] + (["c0"] if cell == "lstm" else []) + \
+        [k for k in ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr") if k in g]
+    return [g[k] for k in keys]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("lengths", ["none", "mixed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell, proj", CELL_PROJ, ids=CELL_PROJ_IDS)
+def test_matches_torch_nn_cuda(cell, proj, reverse, lengths, dtype):
+    T, B, I, H = 12, 6, 5, 7
+    inp = moved(make_inputs(cell, T, B, I, H, proj=proj), dtype=dtype)
+    lens = lengths_for(lengths, T, B)
+    mod = torch_module(cell, moved(inp, "cpu")).to(DEV)
+    out, g = run(inp, cell, None if lens is None else lens.to(DEV), reverse)
+    ref = torch_run(cell, mod, inp["x"], inp["h0"], inp["c0"], lens, reverse)
+    tol = dict(atol=5e-5, rtol=0) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-5)
+    assert_close_all(out, ref, **tol)
+    ref_g = torch_grads(cell, mod, inp, ref, out_weights(out))
+    assert_close_all(ours_in_torch_order(cell, g), ref_g, **tol)
+
+
+# ---- low precision: at most twice torch's own error -------------------------------------
+
+def max_err(a, ref):
+    return (a.double().cpu() - ref.double().cpu()).abs().max().item() if ref.numel() else 0.0
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("lengths", ["none", "mixed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell, proj", CELL_PROJ, ids=CELL_PROJ_IDS)
+def test_low_precision_error(cell, proj, reverse, lengths, dtype):
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bfloat16 on this GPU")
+    T, B, I, H = 24, 8, 32, 64
+    base = make_inputs(cell, T, B, I, H, proj=proj * 8)
+    low_cpu = moved(base, "cpu", dtype)  # the rounded inputs everyone starts from
+    lens = lengths_for(lengths, T, B)
+
+    ref_inp = moved(low_cpu, "cpu", torch.float64)
+    weights = [w.to(dtype).double() for w in out_weights(call(F, cell, ref_inp)[:3])]
+    ref_out, ref_g = run(ref_inp, cell, lens, reverse, weights)
+
+    ours_inp = moved(low_cpu)
+    out, g = run(ours_inp, cell, None if lens is None else lens.to(DEV), reverse, weights)
+    assert all(o.dtype == dtype for o in out) and all(v.dtype == dtype for v in g.values())
+
+    mod = torch_module(cell, moved(low_cpu, "cpu")).to(DEV)
+    torch_inp = moved(low_cpu)
+    t_out = torch_run(cell, mod, torch_inp["x"], torch_inp["h0"], torch_inp["c0"], lens, reverse)
+    t_g = torch_grads(cell, mod, torch_inp, t_out, weights)
+
+    eps = torch.finfo(dtype).eps
+    names = ["y", "h_n", "c_n"][:len(out)]
+    pairs = list(zip(names, out, t_out, ref_out))
+    pairs += [("d" + k, a, b, ref_g[k]) for k, a, b in
+              zip(["x", "h0"] + (["c0"] if cell == "lstm" else []) +
+                  [k for k in ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr") if k in g],
+                  ours_in_torch_order(cell, g), t_g)]
+    for name, ours, theirs, ref in pairs:
+        e_ours, e_torch = max_err(ours, ref), max_err(theirs, ref)
+        floor = eps * ref.abs().max().item() if ref.numel() else 0.0
+        assert e_ours <= 2 * e_torch + floor, (
+            f"{name}: fastrnn error {e_ours:.3g} > 2 x torch.nn's {e_torch:.3g} + {floor:.3g}")
+
+
+# ---- lengths on the GPU ----------------------------------------------------------------
+
+@needs_cuda_build
+@pytest.mark.parametrize("cell, proj", CELL_PROJ, ids=CELL_PROJ_IDS)
+def test_gpu_lengths_need_no_host_sync(cell, proj):
+    T, B, I, H = 7, 5, 4, 8
+    inp = moved(make_inputs(cell, T, B, I, H, proj=proj))
+    lens = lengths_for("mixed", T, B).to(DEV)
+    weights = [w.to(DEV) for w in out_weights([torch.empty(T, B, proj or H),
+                                                torch.empty(B, proj or H),
+                                                torch.empty(B, H)])]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for rev in (False, True):
+            out = [o for o in call(F, cell, inp, lens, rev) if o is not None]
+            grads_of(out, list(leaves(inp).values()), weights[:len(out)])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_out_of_range_gpu_lengths_act_clamped(cell, reverse):
+    """On the GPU lengths are not range-checked (that would need a sync): values below 0
+    act as 0, values above T as T."""
+    T, B, I, H = 6, 4, 3, 5
+    inp = moved(make_inputs(cell, T, B, I, H))
+    with torch.no_grad():
+        wild = call(F, cell, inp, torch.tensor([-3, T + 4, 2, 0], device=DEV), reverse)
+        tame = call(F, cell, inp, torch.tensor([0, T, 2, 0], device=DEV), reverse)
+    for a, b in zip(wild, tame):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# ---- modules on the GPU against torch.nn on the GPU --------------------------------------
+
+MODULES = {"lstm": (torch.nn.LSTM, fastrnn.LSTM, {}), "gru": (torch.nn.GRU, fastrnn.GRU, {}),
+           "rnn_tanh": (torch.nn.RNN, fastrnn.RNN, {"nonlinearity": "tanh"}),
+           "rnn_relu": (torch.nn.RNN, fastrnn.RNN, {"nonlinearity": "relu"})}
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("kind, proj", CELL_PROJ, ids=CELL_PROJ_IDS)
+def test_modules_match_torch_nn_cuda(kind, proj, packed):
+    torch.manual_seed(0)
+    T, B, I, H = 9, 5, 6, 10
+    ref_cls, fast_cls, extra = MODULES[kind]
+    kwargs = dict(num_layers=3, bidirectional=True, dtype=torch.float64, **extra)
+    if proj:
+        kwargs["proj_size"] = proj
+    ref = ref_cls(I, H, **kwargs)
+    fast = fast_cls(I, H, **kwargs)
+    fast.load_state_dict(ref.state_dict())
+    ref, fast = ref.cuda(), fast.cuda()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    lengths = torch.tensor([4, T, 1, 7, 2])  # unsorted, on the CPU as torch requires
+
+    def go(mod):
+        xl = x.to(DEV).requires_grad_()
+        inp = pack_padded_sequence(xl, lengths, enforce_sorted=False) if packed else xl
+        y, state = mod(inp)
+        if packed:
+            assert isinstance(y, PackedSequence)
+            y = y.data
+        outs = [y] + (list(state) if isinstance(state, tuple) else [state])
+        return outs, grads_of(outs, [xl] + list(mod.parameters()), out_weights(outs))
+
+    out, g = go(fast)
+    ref_out, ref_g = go(ref)
+    assert all(o.is_cuda for o in out)
+    assert_close_all(out, ref_out, atol=5e-5, rtol=0)
+    assert_close_all(g, ref_g, atol=5e-5, rtol=0)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("kind", CELLS)
+def test_cells_match_torch_nn_cuda(kind):
+    torch.manual_seed(0)
+    cls = {"lstm": (torch.nn.LSTMCell, fastrnn.LSTMCell, {}),
+           "gru": (torch.nn.GRUCell, fastrnn.GRUCell, {}),
+           "rnn_tanh": (torch.nn.RNNCell, fastrnn.RNNCell, {"nonlinearity": "tanh"}),
+           "rnn_relu": (torch.nn.RNNCell, fastrnn.RNNCell, {"nonlinearity": "relu"})}[kind]
+    ref = cls[0](4, 6, dtype=torch.float64, **cls[2]).cuda()
+    fast = cls[1](4, 6, dtype=torch.float64, **cls[2]).cuda()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 4, dtype=torch.float64, device=DEV)
+    a, b = fast(x), ref(x)
+    assert_close_all(a if isinstance(a, tuple) else [a], b if isinstance(b, tuple) else [b],
+                     atol=1e-9, rtol=1e-7)
+
+
+# ---- every output element written ------------------------------------------------------
+
+def poison():
+    """Fill blocks of the caching allocator's small and large pools with NaN and free them:
+    the next allocations reuse them, NaNs and all."""
+    blocks = [torch.full((n,), float("nan"), dtype=torch.float64, device=DEV)
+              for n in [1 << 12] * 64 + [1 << 15] * 64 + [1 << 20] * 8]
+    del blocks
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("cell, proj", CELL_PROJ, ids=CELL_PROJ_IDS)
+def test_every_output_element_written(cell, proj):
+    """The caching allocator hands out NaN-poisoned memory; no NaN may survive."""
+    T, B, I, H = 8, 5, 4, 12
+    inp = moved(make_inputs(cell, T, B, I, H, proj=proj))
+    lens = lengths_for("mixed", T, B).to(DEV)
+    for reverse in (False, True):
+        poison()
+        keys = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+        args = (cell, inp["x"], inp["h0"].unsqueeze(0),
+                None if inp["c0"] is None else inp["c0"].unsqueeze(0),
+                *[None if inp[k] is None else inp[k].unsqueeze(0) for k in keys],
+                lens, reverse, True)
+        with torch.no_grad():
+            fwd = ops.forward(*[a.detach() if torch.is_tensor(a) else a for a in args])
+            for t in fwd:
+                assert not t.isnan().any()
+            y, h_n, c_n, gates, hprev, cprev, m = fwd
+            poison()
+            bwd = ops.backward(cell, torch.randn_like(y), torch.randn_like(h_n),
+                               torch.randn_like(c_n) if cell == "lstm" else None,
+                               inp["x"].detach(), args[4].detach(), args[5].detach(),
+                               None if args[8] is None else args[8].detach(), lens, gates,
+                               hprev, cprev, m, reverse, True)
+            for t in bwd:
+                assert not t.isnan().any()
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("cell", CELLS)
+def test_empty_batch_and_sequence(cell):
+    for T, B in [(0, 3), (4, 0), (0, 0)]:
+        inp = moved(make_inputs(cell, T, B, 3, 5))
+        out, g = run(inp, cell)
+        ref_out, ref_g = run(moved(inp, "cpu"), cell)
+        assert_close_all(out, ref_out, atol=0, rtol=0)
+        assert_grads_close(g, ref_g, atol=0, rtol=0)
+
+
+# ---- streams and devices ---------------------------------------------------------------
+
+@needs_cuda_build
+@pytest.mark.parametrize("cell, proj", CELL_PROJ, ids=CELL_PROJ_IDS)
+def test_side_stream(cell, proj):
+    """Inputs produced on a side stream, behind a long sleep: kernels or GEMMs that ran on
+    any other stream would read them before they exist."""
+    T, B, I, H = 10, 6, 8, 16
+    base = make_inputs(cell, T, B, I, H, proj=proj)
+    lens = lengths_for("mixed", T, B)
+    ref_out, ref_g = run(base, cell, lens, True)
+    weights = out_weights(ref_out)
+    gpu = moved(base)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # tens of milliseconds of GPU time
+        inp = {k: None if v is None else (v * 1).detach().requires_grad_() for k, v in gpu.items()}
+        out, g = run(inp, cell, lens.to(DEV), True, weights)
+    side.synchronize()
+    assert_close_all(out, ref_out, atol=1e-9, rtol=1e-7)
+    assert_grads_close(g, ref_g, atol=1e-9, rtol=1e-7)
+
+
+@needs_cuda_build
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("cell, proj", CELL_PROJ, ids=CELL_PROJ_IDS)
+def test_second_device(cell, proj):
+    """Tensors on cuda:1 while cuda:0 is current: kernels, handle and stream must follow."""
+    T, B, I, H = 10, 6, 8, 16
+    base = make_inputs(cell, T, B, I, H, proj=proj)
+    lens = lengths_for("mixed", T, B)
+    ref_out, ref_g = run(base, cell, lens)
+    with torch.cuda.device(0):
+        inp = moved(base, "cuda:1")
+        out, g = run(inp, cell, lens.to("cuda:1"))
+    assert all(o.device == torch.device("cuda:1") for o in out)
+    assert all(v.device == torch.device("cuda:1") for v in g.values())
+    assert_close_all(out, ref_out, atol=1e-9, rtol=1e-7)
+    assert_grads_close(g, ref_g, atol=1e-9, rtol=1e-7)
+
+
+# ---- opcheck -----------------------------------------------------------------------------
+
+def to_cuda(args):
+    return tuple(a.detach().to(DEV).requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
+                 for a in args)
+
+
+def _op_id(a):
+    return (f"{a[0]}-D{a[5].shape[0]}-{'proj' if a[8] is not None else 'noproj'}"
+            f"-{'len' if a[9] is not None else 'nolen'}-{'rev' if a[10] else 'fwd'}")
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("args", list(op_samples()), ids=_op_id)
+def test_opcheck_forward_cuda(args):
+    torch.library.opcheck(ops.forward, to_cuda(args))
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.parametrize("cell", CELLS)
+def test_opcheck_backward_cuda(cell, D):
+    lens = torch.tensor([3, 1, 2], device=DEV)
+    args = to_cuda(op_args(cell, D, lens))
+    with torch.no_grad():
+        y, h_n, c_n, gates, hprev, cprev, m = ops.forward(*args)
+    dc = torch.randn_like(c_n) if cell == "lstm" else None
+    bargs = (cell, torch.randn_like(y), torch.randn_like(h_n), dc, args[1].detach(),
+             args[4].detach(), args[5].detach(), None, lens, gates, hprev, cprev, m, False, True)
+    torch.library.opcheck(ops.backward, bargs)
+
