@@ -46,7 +46,8 @@ struct PackedWeight {
   const T* w = nullptr;
   int64_t ldw = 0, K = 0, N = 0, M = 0;
   bool trans = false;
-  std::vector<float> packed;  // MKL packed format (float only)
+  std::unique_ptr<float[]> packed;  // MKL packed format (float only); MKL asks for several
+                                    // MB whatever the size, so it is left uninitialised
 };
 
 // Row-major GEMM on column-major BLAS: C = A op(W) is computed as C^T = op(W)^T A^T.
@@ -67,12 +68,12 @@ struct CpuGemm {
 
   PackedWeight<T> pack(const T* w, int64_t ldw, bool trans, int64_t K, int64_t N,
                        int64_t M) const {
-    PackedWeight<T> p{w, ldw, K, N, M, trans, {}};
+    PackedWeight<T> p{w, ldw, K, N, M, trans, nullptr};
     if constexpr (std::is_same_v<T, float>) {
       if (w && N > 0 && K > 0 && M > 0 && cblas_sgemm_pack && cblas_sgemm_compute) {
         const size_t bytes = cblas_sgemm_pack_get_size(162, M, N, K);
-        p.packed.resize((bytes + sizeof(float) - 1) / sizeof(float));
-        cblas_sgemm_pack(101, 162, trans ? 112 : 111, M, N, K, 1.0f, w, ldw, p.packed.data());
+        p.packed.reset(new float[(bytes + sizeof(float) - 1) / sizeof(float)]);
+        cblas_sgemm_pack(101, 162, trans ? 112 : 111, M, N, K, 1.0f, w, ldw, p.packed.get());
       }
     }
     return p;
@@ -82,8 +83,8 @@ struct CpuGemm {
            int64_t ldc) const {
     const int64_t N = W.N, K = W.K;
     if constexpr (std::is_same_v<T, float>) {
-      if (!W.packed.empty()) {
-        cblas_sgemm_compute(101, 111, 151, M, N, K, A, lda, W.packed.data(), N, beta, C, ldc);
+      if (W.packed) {
+        cblas_sgemm_compute(101, 111, 151, M, N, K, A, lda, W.packed.get(), N, beta, C, ldc);
         return;
       }
     }
