@@ -9,6 +9,22 @@ at::Tensor contig(const c10::optional<at::Tensor>& t) {
 
 at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
+// Flat indices t * B + b of the valid (unpadded) rows, when skipping the others makes the
+// large GEMMs worth a gather: host-side lengths only (no device sync) and at least 10% of
+// the rows padded. Undefined otherwise.
+at::Tensor valid_rows(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B) {
+  const at::Tensor* len = opt(lengths);
+  if (!len || len->is_cuda() || T * B == 0) return at::Tensor();
+  const at::Tensor mask = at::arange(T, len->options()).unsqueeze(1) < len->unsqueeze(0);
+  const at::Tensor rows = mask.view({-1}).nonzero().view({-1});
+  return rows.size(0) * 10 < T * B * 9 ? rows : at::Tensor();
+}
+
+// The rows of `t` (dim 0 of a [T*B, n] view, or dim 1 of [D, T*B, n]) that are valid.
+at::Tensor take(const at::Tensor& t, const at::Tensor& rows, int64_t dim) {
+  return rows.defined() ? t.index_select(dim, rows) : t;
+}
+
 }  // namespace
 
 ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::Tensor& h0,
@@ -39,10 +55,16 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
     return out;
   }
 
-  // One large GEMM for the input projection of every step and direction.
+  // One large GEMM for the input projection of every step and direction, over the valid
+  // rows only when many are padded (the loop never reads gx of a padded row).
   const at::Tensor x2 = x.view({s.T * s.B, s.I});
   const at::Tensor w_ih2 = w_ih.reshape({s.D * s.G * s.H, s.I});
-  a.gx = opt(b_ih) ? at::addmm(b_ih->reshape({-1}), x2, w_ih2.t()) : at::mm(x2, w_ih2.t());
+  const at::Tensor rows = valid_rows(lengths, s.T, s.B);
+  const at::Tensor xv = take(x2, rows, 0);
+  const at::Tensor gx = opt(b_ih) ? at::addmm(b_ih->reshape({-1}), xv, w_ih2.t())
+                                  : at::mm(xv, w_ih2.t());
+  a.gx = rows.defined() ? at::empty({s.T * s.B, gx.size(1)}, x.options()).index_copy_(0, rows, gx)
+                        : gx;
   a.w_hh = w_hh.contiguous();
   a.b_hh = contig(b_hh);
   a.w_hr = contig(w_hr);
@@ -97,18 +119,30 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
       cpu_backward_loop(a);
   }
 
-  // Weight gradients as large GEMMs over all steps at once; the input side covers both
+  // Weight gradients as large GEMMs over all steps at once (over the valid rows only when
+  // many are padded: padded rows have zero gate gradients); the input side covers both
   // directions in one GEMM.
-  const at::Tensor dgx = a.dgx.view({TB, DGH});
-  const at::Tensor dgh = a.dgh.view({TB, s.D, GH}).transpose(0, 1);  // [D, TB, GH]
-  at::Tensor dx = input_grad ? at::mm(dgx, w_ih.reshape({DGH, s.I})).view({s.T, s.B, s.I})
-                             : empty0(x);
-  at::Tensor dw_ih = at::mm(dgx.t(), x.view({TB, s.I})).view({s.D, GH, s.I});
-  at::Tensor dw_hh = at::bmm(dgh.transpose(1, 2), hprev.contiguous().view({s.D, TB, s.P}));
+  const at::Tensor rows = valid_rows(lengths, s.T, s.B);
+  const int64_t N = rows.defined() ? rows.size(0) : TB;
+  const at::Tensor dgx = take(a.dgx.view({TB, DGH}), rows, 0);             // [N, D*G*H]
+  const at::Tensor dgh = s.kind == CellKind::GRU
+                             ? take(a.dgh.view({TB, DGH}), rows, 0).view({N, s.D, GH})
+                             : dgx.view({N, s.D, GH});
+  const at::Tensor dghd = dgh.transpose(0, 1);                             // [D, N, G*H]
+  const at::Tensor xv = take(x.view({TB, s.I}), rows, 0);
+  at::Tensor dx = empty0(x);
+  if (input_grad) {
+    const at::Tensor dxv = at::mm(dgx, w_ih.reshape({DGH, s.I}));
+    dx = rows.defined() ? at::zeros({TB, s.I}, x.options()).index_copy_(0, rows, dxv) : dxv;
+    dx = dx.view({s.T, s.B, s.I});
+  }
+  at::Tensor dw_ih = at::mm(dgx.t(), xv).view({s.D, GH, s.I});
+  at::Tensor dw_hh = at::bmm(dghd.transpose(1, 2),
+                             take(hprev.contiguous().view({s.D, TB, s.P}), rows, 1));
   at::Tensor db_ih = dgx.sum(0).view({s.D, GH});
-  at::Tensor db_hh = s.kind == CellKind::GRU ? dgh.sum(1) : db_ih.clone();  // same sum otherwise
-  at::Tensor dw_hr = s.proj ? at::bmm(a.dhtot.view({s.D, TB, s.P}).transpose(1, 2),
-                                      m.contiguous().view({s.D, TB, s.H}))
+  at::Tensor db_hh = s.kind == CellKind::GRU ? dghd.sum(1) : db_ih.clone();  // same sum otherwise
+  at::Tensor dw_hr = s.proj ? at::bmm(take(a.dhtot.view({s.D, TB, s.P}), rows, 1).transpose(1, 2),
+                                      take(m.contiguous().view({s.D, TB, s.H}), rows, 1))
                             : empty0(x);
   return {dx, a.dh0, a.dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
 }
