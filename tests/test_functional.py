@@ -11,8 +11,9 @@ from fastrnn import reference as R
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-# (T, B, I, H): from the smallest case to several threads with H not a multiple of 16.
-SIZES = [(1, 1, 1, 1), (5, 3, 4, 6), (9, 16, 20, 100), (64, 16, 32, 128)]
+# (T, B, I, H): from the smallest case up to layers big enough for several threads, both
+# splitting the batch rows (B=16) and splitting the hidden units (B=3, H not a multiple of 16).
+SIZES = [(1, 1, 1, 1), (5, 3, 4, 6), (9, 16, 20, 100), (64, 16, 32, 128), (33, 3, 24, 130)]
 TOL64 = dict(atol=1e-10, rtol=0)
 
 

@@ -112,10 +112,11 @@ void cpu_forward_loop(const LoopTensors& a) {
     ForwardParams<scalar_t> p[2];
     scalar_t* ws[2];
     for (int d = 0; d < a.s.D; ++d) p[d] = forward_params<scalar_t>(a, d);
-    const int64_t n = cpu::forward_workspace(p[0], a.s.G);
+    const int threads = at::get_num_threads();
+    const int64_t n = cpu::forward_workspace(p[0], a.s.G, threads);
     at::Tensor work = at::empty({a.s.D * n}, a.y.options());
     for (int d = 0; d < a.s.D; ++d) ws[d] = work.mutable_data_ptr<scalar_t>() + d * n;
-    cpu::forward(a.s.kind, p, a.s.D, CpuGemm<scalar_t>{}, ws, at::get_num_threads());
+    cpu::forward(a.s.kind, p, a.s.D, CpuGemm<scalar_t>{}, ws, threads);
   });
 }
 
@@ -124,10 +125,11 @@ void cpu_backward_loop(const LoopTensors& a) {
     BackwardParams<scalar_t> p[2];
     scalar_t* ws[2];
     for (int d = 0; d < a.s.D; ++d) p[d] = backward_params<scalar_t>(a, d);
-    const int64_t n = cpu::backward_workspace(p[0], a.s.G);
+    const int threads = at::get_num_threads();
+    const int64_t n = cpu::backward_workspace(p[0], a.s.G, threads);
     at::Tensor work = at::empty({a.s.D * n}, a.dh0.options());
     for (int d = 0; d < a.s.D; ++d) ws[d] = work.mutable_data_ptr<scalar_t>() + d * n;
-    cpu::backward(a.s.kind, p, a.s.D, CpuGemm<scalar_t>{}, ws, at::get_num_threads());
+    cpu::backward(a.s.kind, p, a.s.D, CpuGemm<scalar_t>{}, ws, threads);
   });
 }
 

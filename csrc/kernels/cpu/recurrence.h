@@ -145,7 +145,8 @@ inline void backward_units(int64_t n, const T* save, int64_t xs, const T* hp, co
 // Rows in the order the loop visits them: longest sequence first, so the rows still
 // running at any step are a prefix and finished ones cost no GEMM or gate work.
 struct Schedule {
-  const int64_t* order = nullptr;   // [B] row of the i-th longest sequence
+  int64_t rows = 0;                 // rows this schedule covers (all B, or a thread's share)
+  const int64_t* order = nullptr;   // [rows] batch row of the i-th longest sequence
   const int64_t* active = nullptr;  // [T] rows with t < lengths at time t (a prefix of order)
 };
 
@@ -175,30 +176,31 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, const Gemm& 
   const int64_t j0 = hr.begin, j1 = hr.end, hs = hr.size();
   const int64_t p0 = pr.begin, p1 = pr.end, ps = pr.size();
   const int64_t* order = sched.order;
+  const int64_t Bn = sched.rows;  // rows handled here; B stays the row stride of the tensors
 
   // Workspace. The running state is kept in schedule order (row i = order[i]).
   T* wpack = ws;               // [G*H, P] W_hh rows regrouped: thread slice at rows
                                //          [G*j0, G*j1), gate-major [G, hs, P] within it
-  T* gh = wpack + GH * P;      // [B, G*H] recurrent pre-activations, per-thread [B, G*hs]
-  T* hbuf = gh + B * GH;       // [2, B, P] ping-pong h, schedule order
-  T* cbuf = hbuf + 2 * B * P;  // [2, B, H] ping-pong c, schedule order
-  T* mbuf = cbuf + 2 * B * H;  // [B, H] output before projection, schedule order
-  T* zeros = mbuf + B * H;     // [G*H] stands in for a missing b_hh
+  T* gh = wpack + GH * P;      // [Bn, G*H] recurrent pre-activations, per-thread [B, G*hs]
+  T* hbuf = gh + Bn * GH;       // [2, B, P] ping-pong h, schedule order
+  T* cbuf = hbuf + 2 * Bn * P;  // [2, B, H] ping-pong c, schedule order
+  T* mbuf = cbuf + 2 * Bn * H;  // [B, H] output before projection, schedule order
+  T* zeros = mbuf + Bn * H;     // [G*H] stands in for a missing b_hh
   if (!p.b_hh)  // each thread reads only its own units of every gate
     for (int k = 0; k < G; ++k) std::fill(zeros + k * H + j0, zeros + k * H + j1, T(0));
   const T* bias = p.b_hh ? p.b_hh : zeros;
   T* my_w = wpack + G * j0 * P;
-  T* my_gh = gh + B * G * j0;
+  T* my_gh = gh + Bn * G * j0;
 
   for (int k = 0; k < G; ++k)
     for (int64_t j = j0; j < j1; ++j)
       std::copy_n(p.w_hh + (k * H + j) * P, P, my_w + (k * hs + j - j0) * P);
   const auto blas_guard = gemm.single_threaded();
-  const auto w_rec = gemm.pack(my_w, P, true, P, G * hs, B);  // [P, G*hs]
-  const auto w_proj = gemm.pack(proj ? p.w_hr + p0 * H : nullptr, H, true, H, proj ? ps : 0, B);
+  const auto w_rec = gemm.pack(my_w, P, true, P, G * hs, Bn);  // [P, G*hs]
+  const auto w_proj = gemm.pack(proj ? p.w_hr + p0 * H : nullptr, H, true, H, proj ? ps : 0, Bn);
 
   // Initial state into schedule order; each thread copies the columns it will update.
-  for (int64_t i = 0; i < B; ++i) {
+  for (int64_t i = 0; i < Bn; ++i) {
     std::copy(p.h0 + order[i] * P + p0, p.h0 + order[i] * P + p1, hbuf + i * P + p0);
     if (Cell::kHasCell) std::copy(p.c0 + order[i] * H + j0, p.c0 + order[i] * H + j1, cbuf + i * H + j0);
   }
@@ -206,15 +208,15 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, const Gemm& 
 
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = time_of(s, Tn, p.reverse), n = sched.active[t];
-    const T* hin = hbuf + (s % 2) * B * P;
-    T* hout = hbuf + ((s + 1) % 2) * B * P;
-    const T* cin = cbuf + (s % 2) * B * H;
-    T* cout = cbuf + ((s + 1) % 2) * B * H;
+    const T* hin = hbuf + (s % 2) * Bn * P;
+    T* hout = hbuf + ((s + 1) % 2) * Bn * P;
+    const T* cin = cbuf + (s % 2) * Bn * H;
+    T* cout = cbuf + ((s + 1) % 2) * Bn * H;
     T* yt = p.y + t * B * p.ldy;
 
     if (hs > 0 && n > 0) gemm.run(w_rec, n, hin, P, T(0), my_gh, G * hs);
 
-    for (int64_t i = 0; i < B; ++i) {
+    for (int64_t i = 0; i < Bn; ++i) {
       const int64_t row = t * B + order[i];
       if (saving) {  // what backward reads: the state entering this step
         std::copy(hin + i * P + p0, hin + i * P + p1, p.hprev + row * P + p0);
@@ -258,9 +260,9 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, const Gemm& 
   }
 
   // Final state back to the caller's row order.
-  const T* hlast = hbuf + (Tn % 2) * B * P;
-  const T* clast = cbuf + (Tn % 2) * B * H;
-  for (int64_t i = 0; i < B; ++i) {
+  const T* hlast = hbuf + (Tn % 2) * Bn * P;
+  const T* clast = cbuf + (Tn % 2) * Bn * H;
+  for (int64_t i = 0; i < Bn; ++i) {
     std::copy(hlast + i * P + p0, hlast + i * P + p1, p.h_n + order[i] * P + p0);
     if (Cell::kHasCell) std::copy(clast + i * H + j0, clast + i * H + j1, p.c_n + order[i] * H + j0);
   }
@@ -277,18 +279,19 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, const Gemm
   const int64_t j0 = hr.begin, j1 = hr.end, hs = hr.size();
   const int64_t p0 = pr.begin, p1 = pr.end, ps = pr.size();
   const int64_t* order = sched.order;
+  const int64_t Bn = sched.rows;  // rows handled here; B stays the row stride of the tensors
 
   // Workspace, all in schedule order (row i = order[i]):
   T* dh = ws;                // [B, P] dL/dh carried to the previous step
-  T* dc = dh + B * P;        // [B, H] dL/dc carried to the previous step (LSTM)
-  T* dm = dc + B * H;        // [B, H] dL/d(output before projection) (proj)
-  T* dg = dm + B * H;        // [2, B, G*H] this step's dgh, ping-pong: the GEMM of one
+  T* dc = dh + Bn * P;        // [B, H] dL/dc carried to the previous step (LSTM)
+  T* dm = dc + Bn * H;        // [B, H] dL/d(output before projection) (proj)
+  T* dg = dm + Bn * H;        // [2, B, G*H] this step's dgh, ping-pong: the GEMM of one
                              //             step may still read it while the next is written
   const auto blas_guard = gemm.single_threaded();
-  const auto w_rec = gemm.pack(p.w_hh + p0, P, false, GH, ps, B);  // [G*H, ps] column slice
-  const auto w_proj = gemm.pack(proj ? p.w_hr + j0 : nullptr, H, false, P, proj ? hs : 0, B);
+  const auto w_rec = gemm.pack(p.w_hh + p0, P, false, GH, ps, Bn);  // [G*H, ps] column slice
+  const auto w_proj = gemm.pack(proj ? p.w_hr + j0 : nullptr, H, false, P, proj ? hs : 0, Bn);
 
-  for (int64_t i = 0; i < B; ++i) {
+  for (int64_t i = 0; i < Bn; ++i) {
     const int64_t b = order[i];
     if (p.dh_n) std::copy(p.dh_n + b * P + p0, p.dh_n + b * P + p1, dh + i * P + p0);
     else std::fill(dh + i * P + p0, dh + i * P + p1, T(0));
@@ -300,10 +303,10 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, const Gemm
 
   for (int64_t s = Tn - 1; s >= 0; --s) {
     const int64_t t = time_of(s, Tn, p.reverse), n = sched.active[t];
-    T* dgs = dg + (s % 2) * B * GH;
+    T* dgs = dg + (s % 2) * Bn * GH;
 
     // Phase A (P slice): total gradient w.r.t. this step's output h.
-    for (int64_t i = 0; i < B; ++i) {
+    for (int64_t i = 0; i < Bn; ++i) {
       const int64_t row = t * B + order[i];
       if (i < n && p.dy)
         for (int64_t q = p0; q < p1; ++q) dh[i * P + q] += p.dy[row * p.ldy + q];
@@ -320,7 +323,7 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, const Gemm
     }
 
     // Phase B (H slice): gate gradients, to dgx/dgh (caller's row order) and to dgs.
-    for (int64_t i = 0; i < B; ++i) {
+    for (int64_t i = 0; i < Bn; ++i) {
       const int64_t row = t * B + order[i];
       T* gx = p.dgx + row * p.ldg;
       T* gh = p.dgh + row * p.ldg;
@@ -355,7 +358,7 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, const Gemm
   }
 
   team.sync();  // dh of every column is final
-  for (int64_t i = 0; i < B; ++i) {
+  for (int64_t i = 0; i < Bn; ++i) {
     const int64_t b = order[i];
     std::copy(dh + i * P + p0, dh + i * P + p1, p.dh0 + b * P + p0);
     if (Cell::kHasCell) std::copy(dc + i * H + j0, dc + i * H + j1, p.dc0 + b * H + j0);
@@ -409,35 +412,97 @@ void dispatch_cell(CellKind kind, Fn&& fn) {
   }
 }
 
-// p[d], ws[d]: parameters and workspace of direction d < ndir (1 or 2). The directions
-// share lengths, so they share one schedule.
+// Thread plan: a team per direction splitting the hidden units (one barrier per step), or,
+// for one direction with enough rows and a W_hh small enough to stream from every core's
+// cache, each thread runs its own share of the batch with no barrier at all (sequences are
+// independent). Rows are dealt out longest-first in turn, so every share keeps its running
+// rows a prefix and the shares stay balanced under lengths.
+struct Plan {
+  int64_t rows_per_thread = 8;         // below this the row split starves the GEMMs
+  int64_t max_weights = 512 * 1024;    // W_hh elements; above, each core reads only its slice
+  std::vector<int64_t> order, active;  // per share: rows in schedule order; [T] running rows
+  std::vector<Schedule> shares;
+};
+
+inline void make_plan(const int64_t* lengths, int64_t T, int64_t B, int64_t weights, int want,
+                      int max_threads, int ndir, Plan& plan) {
+  std::vector<int64_t> order(B), active(T);
+  make_schedule(lengths, T, B, order.data(), active.data());
+  const bool by_rows = ndir == 1 && want >= 2 && weights <= plan.max_weights;
+  const int64_t n = by_rows ? std::min<int64_t>(max_threads, B / plan.rows_per_thread) : 1;
+  const int64_t shares = std::max<int64_t>(n, 1);
+  plan.order.resize(B);
+  plan.active.resize(shares * T);
+  plan.shares.resize(shares);
+  int64_t* o = plan.order.data();
+  for (int64_t k = 0; k < shares; ++k) {
+    Schedule& sh = plan.shares[k];
+    sh.order = o;
+    for (int64_t i = k; i < B; i += shares) *o++ = order[i];
+    sh.rows = o - sh.order;
+    int64_t* act = plan.active.data() + k * T;
+    for (int64_t t = 0; t < T; ++t) act[t] = std::max<int64_t>(0, (active[t] - k + shares - 1) / shares);
+    sh.active = act;
+  }
+}
+
+// Workspace elements per direction, for any plan.
+template <class T>
+inline int64_t forward_workspace(const ForwardParams<T>& p, int gates, int max_threads) {
+  return forward_workspace(p, gates) * std::max(1, max_threads);
+}
+template <class T>
+inline int64_t backward_workspace(const BackwardParams<T>& p, int gates, int max_threads) {
+  return backward_workspace(p, gates) * std::max(1, max_threads);
+}
+
+// Runs body(d, share, workspace, team) for every direction d < ndir and share of its rows.
+template <class Params, class T, class Body>
+void run_plan(const Params* p, int gates, int ndir, int want, int max_threads, int64_t per_share,
+              T* const* ws, Body&& body) {
+  Plan plan;
+  const int64_t weights = static_cast<int64_t>(gates) * p[0].H * p[0].P;
+  make_plan(p[0].lengths, p[0].T, p[0].B, weights, want, max_threads, ndir, plan);
+  const int shares = static_cast<int>(plan.shares.size());
+  if (shares > 1) {
+#pragma omp parallel num_threads(shares)
+    {
+      SpinBarrier none;  // a share is a team of one
+      for (int k = omp_get_thread_num(); k < shares; k += omp_get_num_threads())
+        body(0, plan.shares[k], ws[0] + k * per_share, Team{0, 1, &none});
+    }
+    return;
+  }
+  run_directions(ndir, want, max_threads, [&](int d, const Team& team) {
+    body(d, plan.shares[0], ws[d], team);
+  });
+}
+
+// p[d], ws[d]: parameters and workspace (forward_workspace(p[0], G, max_threads) elements)
+// of direction d < ndir (1 or 2). The directions share lengths, so they share one plan.
 template <class T, class Gemm>
 void forward(CellKind kind, const ForwardParams<T>* p, int ndir, const Gemm& gemm, T* const* ws,
              int max_threads) {
-  std::vector<int64_t> order(p[0].B), active(p[0].T);
-  make_schedule(p[0].lengths, p[0].T, p[0].B, order.data(), active.data());
-  const Schedule sched{order.data(), active.data()};
   dispatch_cell(kind, [&](auto cell) {
     using Cell = decltype(cell);
-    run_directions(ndir, team_size(p[0].B, Cell::kGates * p[0].H, p[0].P), max_threads,
-                   [&](int d, const Team& team) {
-                     forward_team<Cell>(p[d], sched, gemm, ws[d], team);
-                   });
+    run_plan(p, Cell::kGates, ndir, team_size(p[0].B, Cell::kGates * p[0].H, p[0].P), max_threads,
+             forward_workspace(p[0], Cell::kGates), ws,
+             [&](int d, const Schedule& sched, T* w, const Team& team) {
+               forward_team<Cell>(p[d], sched, gemm, w, team);
+             });
   });
 }
 
 template <class T, class Gemm>
 void backward(CellKind kind, const BackwardParams<T>* p, int ndir, const Gemm& gemm,
               T* const* ws, int max_threads) {
-  std::vector<int64_t> order(p[0].B), active(p[0].T);
-  make_schedule(p[0].lengths, p[0].T, p[0].B, order.data(), active.data());
-  const Schedule sched{order.data(), active.data()};
   dispatch_cell(kind, [&](auto cell) {
     using Cell = decltype(cell);
-    run_directions(ndir, team_size(p[0].B, Cell::kGates * p[0].H, p[0].P), max_threads,
-                   [&](int d, const Team& team) {
-                     backward_team<Cell>(p[d], sched, gemm, ws[d], team);
-                   });
+    run_plan(p, Cell::kGates, ndir, team_size(p[0].B, Cell::kGates * p[0].H, p[0].P), max_threads,
+             backward_workspace(p[0], Cell::kGates), ws,
+             [&](int d, const Schedule& sched, T* w, const Team& team) {
+               backward_team<Cell>(p[d], sched, gemm, w, team);
+             });
   });
 }
 
