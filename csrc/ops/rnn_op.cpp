@@ -1,5 +1,7 @@
 #include "rnn_op.h"
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
 namespace fastrnn {
 namespace {
 
@@ -33,6 +35,8 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
                       const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
                       const c10::optional<at::Tensor>& lengths, bool reverse, bool save) {
   const Shapes s = check_forward(cell, x_, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+  // The dtype was settled before the op (ops.py's autocast kernel); the GEMMs inside keep it.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool lstm = s.kind == CellKind::LSTM;
   if (lengths.has_value() && !x_.is_cuda()) check_length_values(*lengths, s.T);
 
@@ -86,6 +90,7 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                         const at::Tensor& hprev, const at::Tensor& cprev, const at::Tensor& m,
                         bool reverse, bool input_grad) {
   const Shapes s = check_backward(cell, x_, w_ih, w_hh, w_hr, gates, hprev);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool lstm = s.kind == CellKind::LSTM;
   const int64_t GH = s.G * s.H, DGH = s.D * GH, TB = s.T * s.B;
   const at::Tensor x = x_.contiguous();
