@@ -44,7 +44,7 @@ template <> struct Blas<double> { static constexpr auto gemm = &dgemm_; };
 template <class T>
 struct PackedWeight {
   const T* w = nullptr;
-  int64_t ldw = 0, K = 0, N = 0, M = 0;
+  int64_t ldw = 0, K = 0, N = 0;
   bool trans = false;
   std::unique_ptr<float[]> packed;  // MKL packed format (float only); MKL asks for several
                                     // MB whatever the size, so it is left uninitialised
@@ -68,7 +68,7 @@ struct CpuGemm {
 
   PackedWeight<T> pack(const T* w, int64_t ldw, bool trans, int64_t K, int64_t N,
                        int64_t M) const {
-    PackedWeight<T> p{w, ldw, K, N, M, trans, nullptr};
+    PackedWeight<T> p{w, ldw, K, N, trans, nullptr};
     if constexpr (std::is_same_v<T, float>) {
       if (w && N > 0 && K > 0 && M > 0 && cblas_sgemm_pack && cblas_sgemm_compute) {
         const size_t bytes = cblas_sgemm_pack_get_size(162, M, N, K);

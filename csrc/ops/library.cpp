@@ -1,8 +1,9 @@
 // The one schema block of the fastrnn ops, and the Python module entry point.
 //
-// forward runs one layer in one direction; its last four outputs are what backward needs
-// (empty when save=False). Cells: 'lstm', 'gru', 'rnn_tanh', 'rnn_relu'. Outputs a cell does
-// not have (c_n for GRU/RNN, m without a projection) are empty.
+// forward runs one layer, all its directions (D = 1 or 2, stacked on a leading axis of
+// every per-direction argument; shapes in python/fastrnn/ops.py); its last four outputs are
+// what backward needs (empty when save=False). Cells: 'lstm', 'gru', 'rnn_tanh', 'rnn_relu'.
+// Outputs a cell does not have (c_n for GRU/RNN, m without a projection) are empty.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 

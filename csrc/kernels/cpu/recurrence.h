@@ -1,10 +1,13 @@
-// CPU recurrence driver: runs the whole time loop of one layer and direction, forward or
-// backward, for any cell policy from cells.h. Torch-free; the caller supplies the GEMM.
+// CPU recurrence driver: runs the whole time loop of one layer (one or both directions),
+// forward or backward, for any cell policy from cells.h. Torch-free; the caller supplies
+// the GEMM.
 //
-// Parallel scheme (weight-stationary): one OpenMP team lives for the whole sequence. Each
-// thread owns a slice of hidden units across all gates, keeps its repacked slice of W_hh
-// hot in its own cache, runs its GEMM tile and then the gate math for that slice, and the
-// team meets once per step at a spin barrier (twice with a projection).
+// Parallel scheme: one OpenMP region lives for the whole sequence (see Plan below).
+// Hidden split (weight-stationary): each thread of a direction's team owns a slice of
+// hidden units across all gates, keeps its packed slice of W_hh hot in its own cache, runs
+// its GEMM tile and then the gate math for that slice, and the team meets once per step at
+// a spin barrier (twice with a projection). Row split: each thread runs its own share of
+// the batch rows with the whole W_hh and no barrier.
 #pragma once
 
 #include <omp.h>
