@@ -73,7 +73,7 @@ struct Range {
 };
 
 // Split n units into `parts` contiguous ranges in blocks of 16 (one cache line of floats),
-// so threads never share a line of the state they write.
+// so threads rarely share a line of the state they write.
 inline Range split(int64_t n, int parts, int k) {
   const int64_t blocks = (n + 15) / 16;
   return {std::min(n, blocks * k / parts * 16), std::min(n, blocks * (k + 1) / parts * 16)};
@@ -91,7 +91,6 @@ inline int64_t backward_workspace(const BackwardParams<T>& p, int gates) {
 }
 
 inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
-
 
 // Gate math for units [0, n) of one batch row; pointers start at the row's first unit.
 // Gate k of unit u sits at x[k*xs + u], bias[k*xs + u] and r[k*rs + u]. Branch-free, so the
@@ -449,7 +448,7 @@ inline void make_plan(const int64_t* lengths, int64_t T, int64_t B, int64_t weig
   }
 }
 
-// Workspace elements per direction, for any plan.
+// Workspace elements per direction, for any plan (a row split needs one per share).
 template <class T>
 inline int64_t forward_workspace(const ForwardParams<T>& p, int gates, int max_threads) {
   return forward_workspace(p, gates) * std::max(1, max_threads);
