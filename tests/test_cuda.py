@@ -18,7 +18,7 @@ from fastrnn import functional as F
 from fastrnn import ops
 
 from test_functional import (CELLS, call, leaves, lengths_for, make_inputs, op_args,
-                             op_samples, torch_module, torch_run)
+                             op_samples, opcheck_backward, torch_module, torch_run)
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -425,12 +425,5 @@ def test_opcheck_forward_cuda(args):
 @pytest.mark.parametrize("D", [1, 2])
 @pytest.mark.parametrize("cell", CELLS)
 def test_opcheck_backward_cuda(cell, D):
-    lens = torch.tensor([3, 1, 2], device=DEV)
-    args = to_cuda(op_args(cell, D, lens))
-    with torch.no_grad():
-        y, h_n, c_n, gates, hprev, cprev, m = ops.forward(*args)
-    dc = torch.randn_like(c_n) if cell == "lstm" else None
-    bargs = (cell, torch.randn_like(y), torch.randn_like(h_n), dc, args[1].detach(),
-             args[4].detach(), args[5].detach(), None, lens, gates, hprev, cprev, m, False, True)
-    torch.library.opcheck(ops.backward, bargs)
+    opcheck_backward(cell, D, DEV)
 

@@ -267,17 +267,23 @@ def test_opcheck_forward(args):
     torch.library.opcheck(ops.forward, args)
 
 
-@pytest.mark.parametrize("D", [1, 2])
-@pytest.mark.parametrize("cell", CELLS)
-def test_opcheck_backward(cell, D):
-    lens = torch.tensor([3, 1, 2])
-    args = op_args(cell, D, lens)
+def opcheck_backward(cell, D, device="cpu"):
+    """opcheck of fastrnn::backward on what a real forward saved (also used on CUDA)."""
+    lens = torch.tensor([3, 1, 2], device=device)
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a
+                 for a in op_args(cell, D, lens))
     with torch.no_grad():
         y, h_n, c_n, gates, hprev, cprev, m = ops.forward(*args)
     dc = torch.randn_like(c_n) if cell == "lstm" else None
     bargs = (cell, torch.randn_like(y), torch.randn_like(h_n), dc, args[1].detach(),
              args[4].detach(), args[5].detach(), None, lens, gates, hprev, cprev, m, False, True)
     torch.library.opcheck(ops.backward, bargs)
+
+
+@pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.parametrize("cell", CELLS)
+def test_opcheck_backward(cell, D):
+    opcheck_backward(cell, D)
 
 
 @pytest.mark.parametrize("lengths", ["none", "mixed"])
