@@ -29,6 +29,8 @@ import fastrnn
 CELLS = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 MODES = ("inference", "training", "varlen")
+# Not in the default list: a second-order (gradient-penalty) training step.
+EXTRA_MODES = ("penalty",)
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
           "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Loose on purpose: this only guards against benchmarking garbage; the test
@@ -178,6 +180,11 @@ def make_case(cell, mode, B, T, I, H, num_layers=1, bidirectional=False, proj_si
             with torch.inference_mode():
                 return forward()
         outs = forward()
+        if mode == "penalty":  # loss = |d(outputs . grads)/dx|^2, as in WGAN-GP or R1
+            gx, = torch.autograd.grad(list(outs.values()), [x], grads, create_graph=True)
+            d_inputs = torch.autograd.grad(gx.pow(2).sum(), [x] + params)
+            return {**outs, "input gradient": gx,
+                    **{f"grad {name}": g for name, g in zip(["input"] + names, d_inputs)}}
         d_inputs = torch.autograd.grad(list(outs.values()), [x] + params, grads)
         return {**outs, **{f"grad {name}": g for name, g in zip(["input"] + names, d_inputs)}}
 
@@ -273,7 +280,8 @@ def plot(rows, path, title):
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if "ratio" in r]
-    colors = {"inference": "tab:blue", "training": "tab:orange", "varlen": "tab:green"}
+    colors = {"inference": "tab:blue", "training": "tab:orange", "varlen": "tab:green",
+              "penalty": "tab:red"}
     labels = [f"{r['cell']} {r['mode']}\nB{r['B']} T{r['T']} I{r['I']} H{r['H']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(rows) + 2), 5))
     # Bars grow from 1.0: up where fastrnn is faster, down where it is slower.
@@ -317,8 +325,9 @@ def main(argv=None):
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", type=parse_list(tuple(CELLS)), default=list(CELLS), help="comma list of lstm,gru,rnn")
-    p.add_argument("--modes", type=parse_list(MODES), default=list(MODES),
-                   help="comma list of inference,training,varlen (varlen = training with lengths in [T/4, T])")
+    p.add_argument("--modes", type=parse_list(MODES + EXTRA_MODES), default=list(MODES),
+                   help="comma list of inference,training,varlen (varlen = training with lengths in "
+                   "[T/4, T]) and penalty (second order: a gradient penalty on the input gradient)")
     p.add_argument("--grid", choices=tuple(GRIDS), default="default", help="preset list of (B,T,I,H) shapes")
     p.add_argument("--shapes", type=parse_shapes, help="'B,T,I,H;B,T,I,H' (overrides --grid)")
     p.add_argument("--num-layers", type=int, default=1)

@@ -4,6 +4,9 @@
 // every per-direction argument; shapes in python/fastrnn/ops.py); its last four outputs are
 // what backward needs (empty when save=False). Cells: 'lstm', 'gru', 'rnn_tanh', 'rnn_relu'.
 // Outputs a cell does not have (c_n for GRU/RNN, m without a projection) are empty.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
@@ -31,6 +34,28 @@ TORCH_LIBRARY(fastrnn, m) {
       "Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor gates, Tensor hprev, Tensor cprev, "
       "Tensor m, bool reverse, bool input_grad) -> (Tensor dx, Tensor dh0, Tensor dc0, "
       "Tensor dw_ih, Tensor dw_hh, Tensor db_ih, Tensor db_hh, Tensor dw_hr)");
+}
+
+// fastrnn::backward has no derivative of its own: second-order gradients come from ops.py,
+// which rebuilds the first-order gradients as a differentiable graph when create_graph is
+// set. A call that autograd would record fails here, rather than leave a graph that
+// silently misses this op's part.
+void backward_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                       torch::jit::Stack* stack) {
+  if (at::GradMode::is_enabled()) {
+    for (const c10::IValue& v : torch::jit::last(*stack, op.schema().arguments().size()))
+      TORCH_CHECK(!(v.isTensor() && v.toTensor().requires_grad()),
+                  "fastrnn: fastrnn::backward cannot be differentiated. For second-order "
+                  "gradients, differentiate fastrnn::forward (the fastrnn modules or "
+                  "fastrnn.functional) with create_graph=True; call fastrnn::backward itself "
+                  "under torch.no_grad() or on tensors that do not require grad");
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
+TORCH_LIBRARY_IMPL(fastrnn, Autograd, m) {
+  m.impl("backward", torch::CppFunction::makeFromBoxedFunction<&backward_autograd>());
 }
 
 }  // namespace fastrnn

@@ -13,6 +13,7 @@ side, h_n/c_n are [D, B, *], and the saved tensors are [D, T, B, *].
 import torch
 
 from . import _C  # noqa: F401  (loads the native library, registering torch.ops.fastrnn)
+from . import reference
 
 _GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 _SAVED = {"lstm": 4, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}
@@ -81,13 +82,20 @@ def _backward_fake(cell, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, lengths, gates, hp
 def _setup_context(ctx, inputs, output):
     cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save = inputs
     _, _, _, gates, hprev, cprev, m = output
-    ctx.save_for_backward(x, w_ih, w_hh, w_hr, lengths, gates, hprev, cprev, m)
+    # The inputs are kept (references, no copies) for the second-order path below.
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                          gates, hprev, cprev, m)
     ctx.cell, ctx.reverse = cell, reverse
+    # Intermediates kept for the backward, not functions to differentiate: no gradient
+    # flows back through them, and autograd says so (requires_grad=False).
+    ctx.mark_non_differentiable(gates, hprev, cprev, m)
     ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
 
 
 def _backward(ctx, dy, dh_n, dc_n, *_saved_grads):
-    x, w_ih, w_hh, w_hr, lengths, gates, hprev, cprev, m = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+        return _differentiable_backward(ctx, dy, dh_n, dc_n)
+    x, _, _, w_ih, w_hh, _, _, w_hr, lengths, gates, hprev, cprev, m = ctx.saved_tensors
     need = ctx.needs_input_grad  # (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ...)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = backward(
         ctx.cell, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, lengths, gates, hprev, cprev, m,
@@ -96,6 +104,31 @@ def _backward(ctx, dy, dh_n, dc_n, *_saved_grads):
     return (None, dx if need[1] else None, dh0, dc0 if lstm else None, dw_ih, dw_hh,
             db_ih if need[6] else None, db_hh if need[7] else None,
             dw_hr if w_hr is not None else None, None, None, None)
+
+
+def _differentiable_backward(ctx, dy, dh_n, dc_n):
+    """The first-order gradients as a graph of differentiable torch ops, for double backward.
+
+    fastrnn::backward has no derivative of its own. When a graph of the gradients is asked
+    for (create_graph=True: gradient penalties, Hessian-vector products, MAML), the layer
+    is recomputed by the per-step reference (``reference.layer``), whose autograd graph is
+    differentiable to any order, and differentiated with create_graph=True. The cost is
+    that of torch's own per-step loop, paid only when create_graph is set; first-order
+    backward never comes here.
+    """
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, *_ = ctx.saved_tensors
+    inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    need = ctx.needs_input_grad[1:9]
+    wanted = [t for t, n in zip(inputs, need) if n]
+    pick = lambda t, d: None if t is None else t[d]  # noqa: E731
+    weights = [tuple(pick(t, d) for t in (w_ih, w_hh, b_ih, b_hh, w_hr))
+               for d in range(w_hh.shape[0])]
+    outs = reference.layer(ctx.cell, x, h0, c0, weights, lengths, ctx.reverse)
+    pairs = [(o, g) for o, g in zip(outs, (dy, dh_n, dc_n)) if o is not None and g is not None]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                   create_graph=True, allow_unused=True)
+               if pairs and wanted else [None] * len(wanted))
+    return (None, *(next(got) if n else None for n in need), None, None, None)
 
 
 torch.library.register_autograd("fastrnn::forward", _backward, setup_context=_setup_context)

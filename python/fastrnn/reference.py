@@ -10,23 +10,24 @@ def _steps(T, reverse):
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
-def _run(cell, x, state, lengths, reverse):
-    """Run ``cell(x_t, state) -> (h, state)`` over time with per-sequence lengths.
+def _run(cell, gx, state, lengths, reverse):
+    """Run ``cell(gx_t, state) -> (h, state)`` over time with per-sequence lengths.
 
-    x: [T, B, I]; state: tuple of [B, *] tensors, state[0] is h.
-    Steps with t >= lengths[b] keep the state and emit zeros.
+    gx: [T, B, G*H] input projections of every step; state: tuple of [B, *] tensors,
+    state[0] is h. Steps with t >= lengths[b] keep the state and emit zeros.
     """
-    T, B = x.shape[0], x.shape[1]
+    T, B = gx.shape[0], gx.shape[1]
+    gxs = gx.unbind(0)  # one gradient node for all steps (x[t] would make one per step)
     ys = [None] * T
     for t in _steps(T, reverse):
-        h_new, new_state = cell(x[t], state)
+        h_new, new_state = cell(gxs[t], state)
         if lengths is not None:
-            valid = (t < lengths.to(x.device)).unsqueeze(1)
+            valid = (t < lengths.to(gx.device)).unsqueeze(1)
             new_state = tuple(torch.where(valid, n, o) for n, o in zip(new_state, state))
             h_new = torch.where(valid, h_new, torch.zeros_like(h_new))
         ys[t] = h_new
         state = new_state
-    y = torch.stack(ys) if T > 0 else x.new_zeros((0, B, state[0].shape[1]))
+    y = torch.stack(ys) if T > 0 else gx.new_zeros((0, B, state[0].shape[1]))
     return y, state
 
 
@@ -36,9 +37,9 @@ def _linear(x, w, b):
 
 
 def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, w_hr=None):
-    def cell(xt, state):
+    def cell(gxt, state):
         h, c = state
-        gates = _linear(xt, w_ih, b_ih) + _linear(h, w_hh, b_hh)
+        gates = gxt + _linear(h, w_hh, b_hh)
         i, f, g, o = gates.chunk(4, 1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
@@ -46,14 +47,14 @@ def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, w_hr=No
             h_new = h_new @ w_hr.t()
         return h_new, (h_new, c_new)
 
-    y, (h, c) = _run(cell, x, (h0, c0), lengths, reverse)
+    y, (h, c) = _run(cell, _linear(x, w_ih, b_ih), (h0, c0), lengths, reverse)
     return y, h, c
 
 
 def gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False):
-    def cell(xt, state):
+    def cell(gxt, state):
         (h,) = state
-        gx_r, gx_z, gx_n = _linear(xt, w_ih, b_ih).chunk(3, 1)
+        gx_r, gx_z, gx_n = gxt.chunk(3, 1)
         gh_r, gh_z, gh_n = _linear(h, w_hh, b_hh).chunk(3, 1)
         r = torch.sigmoid(gx_r + gh_r)
         z = torch.sigmoid(gx_z + gh_z)
@@ -61,7 +62,7 @@ def gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False):
         h_new = (1 - z) * n + z * h
         return h_new, (h_new,)
 
-    y, (h,) = _run(cell, x, (h0,), lengths, reverse)
+    y, (h,) = _run(cell, _linear(x, w_ih, b_ih), (h0,), lengths, reverse)
     return y, h
 
 
@@ -70,10 +71,32 @@ def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None, revers
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
     act = torch.tanh if nonlinearity == "tanh" else torch.relu
 
-    def cell(xt, state):
+    def cell(gxt, state):
         (h,) = state
-        h_new = act(_linear(xt, w_ih, b_ih) + _linear(h, w_hh, b_hh))
+        h_new = act(gxt + _linear(h, w_hh, b_hh))
         return h_new, (h_new,)
 
-    y, (h,) = _run(cell, x, (h0,), lengths, reverse)
+    y, (h,) = _run(cell, _linear(x, w_ih, b_ih), (h0,), lengths, reverse)
     return y, h
+
+
+def layer(cell, x, h0, c0, weights, lengths=None, reverse=False):
+    """All directions of one layer, as ``fastrnn.functional.layer`` (same arguments).
+
+    cell: 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'; h0 [D, B, P]; c0 [D, B, H] (LSTM) or
+    None; weights: one (w_ih, w_hh, b_ih, b_hh, w_hr) tuple per direction. Direction 1
+    runs reversed. Returns (y [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None).
+    """
+    ys, hs, cs = [], [], []
+    for d, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(weights):
+        rev = reverse != (d == 1)
+        if cell == "lstm":
+            y, h, c = lstm(x, h0[d], c0[d], w_ih, w_hh, b_ih, b_hh, lengths, rev, w_hr)
+            cs.append(c)
+        elif cell == "gru":
+            y, h = gru(x, h0[d], w_ih, w_hh, b_ih, b_hh, lengths, rev)
+        else:
+            y, h = rnn(x, h0[d], w_ih, w_hh, b_ih, b_hh, cell[4:], lengths, rev)
+        ys.append(y)
+        hs.append(h)
+    return torch.cat(ys, 2), torch.stack(hs), (torch.stack(cs) if cs else None)
