@@ -5,7 +5,7 @@ fresh random inputs; outputs are checked to agree once, then each repeat times
 torch and fastrnn back to back (alternating which goes first) so that machine
 noise hits both.  Reports median times, the ratio torch/fastrnn (>1: fastrnn is
 faster), fastrnn's GFLOP/s and that rate as a fraction of a GEMM peak measured
-in the same run.
+in the same run: the faster of torch.mm and oneDNN's matmul on a large square.
 
     python bench/bench_rnn.py                      # small default grid, ~1-2 min on 2 cores
     python bench/bench_rnn.py --grid issue --cells lstm --modes training
@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -108,13 +109,151 @@ def time_pair(fn_torch, fn_fast, repeats, warmup, device):
     return t_torch, t_fast
 
 
-def gemm_peak_gflops(n, dtype, device, repeats=5):
-    """Median GFLOP/s of an n x n x n torch.mm: the practical limit on this machine."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)  # warm-up
+def onednn_matmul(b, m):
+    """A function a -> a @ b run by oneDNN's matmul, for a with m rows.
+
+    b is packed once, here, as oneDNN packs a linear layer's weight
+    (torch.ops.mkldnn._reorder_linear_weight), so the calls time the matmul
+    alone.  Raises RuntimeError where oneDNN cannot run it (not on the CPU,
+    torch built without mkldnn); a dtype it lacks (e.g. float64) raises here
+    or on the first call.
+    """
+    if b.device.type != "cpu":
+        raise RuntimeError(f"unavailable on {b.device.type}")
+    if not torch.backends.mkldnn.is_available():
+        raise RuntimeError("unavailable: torch built without mkldnn")
+    w = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), m)
+    return lambda a: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+
+
+def try_onednn_matmul(a, b):
+    """(a -> a @ b through oneDNN, None) after one successful call, or (None, why it is unavailable)."""
+    try:
+        fn = onednn_matmul(b, a.shape[0])
+        fn(a)
+        return fn, None
+    except Exception as e:  # e.g. "itensor_view_from_dense expects float/bfloat16/half..." for float64
+        if str(e).startswith("unavailable"):
+            return None, str(e)
+        return None, f"unavailable for {str(a.dtype).split('.')[-1]} ({type(e).__name__})"
+
+
+def time_interleaved(fns, repeats, warmup, device):
+    """Seconds per call of each function in the dict fns: {name: list of times}.
+
+    Each repeat runs every function once, starting from a different one each
+    time, so slow phases of a noisy machine hit all alike.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
     sync(device)
-    t = statistics.median(time_once(lambda: torch.mm(a, b), device) for _ in range(repeats))
-    return 2 * n**3 / t / 1e9
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            times[name].append(time_once(fns[name], device))
+    return times
+
+
+def gemm_peak(n, dtype, device, repeats=5):
+    """GFLOP/s (median of repeats) of an n x n x n GEMM by torch.mm and by oneDNN's matmul.
+
+    torch.mm is MKL on x86 (in float32/float64), which takes a slow path on AMD
+    CPUs; oneDNN's matmul does not, so the peak is the faster of the two.
+    Returns a dict: mm, onednn (None where unavailable), onednn_note (why),
+    peak and source ("torch.mm" or "oneDNN").
+    """
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    onednn, note = try_onednn_matmul(a, b)
+    fns = {"torch.mm": lambda: torch.mm(a, b)}
+    if onednn is not None:
+        fns["oneDNN"] = lambda: onednn(a)
+    times = time_interleaved(fns, repeats, 1, device)
+    rates = {name: 2 * n**3 / statistics.median(t) / 1e9 for name, t in times.items()}
+    source = max(rates, key=rates.get)
+    return dict(mm=rates["torch.mm"], onednn=rates.get("oneDNN"), onednn_note=note,
+                peak=rates[source], source=source)
+
+
+FMA_UNITS = 2  # FMA units per core: assumed (true of most recent x86 cores, not of all)
+
+
+def fma_peak(cpuinfo, dtype, cores, max_mhz=None, clock_source=None):
+    """Theoretical FMA peak in GFLOP/s from the text of /proc/cpuinfo, or None.
+
+        cores x lanes x FMA_UNITS x 2 flops per FMA x clock
+
+    lanes: the vector width in elements of dtype, from the flags (avx512f: 512
+    bits, else avx2 and fma: 256 bits; neither, or a dtype other than
+    float32/float64: None).  The clock is max_mhz where given, else the first
+    "cpu MHz" line (the current clock, which may be below the maximum).
+    Returns a dict with the GFLOP/s and every factor.
+    """
+    flags, mhz = set(), None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "cpu MHz" and mhz is None:
+            mhz = float(value)
+    if "avx512f" in flags:
+        isa, bits = "avx512f", 512
+    elif {"avx2", "fma"} <= flags:
+        isa, bits = "avx2+fma", 256
+    else:
+        return None
+    if dtype not in (torch.float32, torch.float64):
+        return None
+    if max_mhz is None:
+        if mhz is None:
+            return None
+        max_mhz, clock_source = mhz, '/proc/cpuinfo "cpu MHz": the current clock, not the maximum'
+    lanes = bits // (32 if dtype == torch.float32 else 64)
+    return dict(gflops=cores * lanes * FMA_UNITS * 2 * max_mhz / 1e3, cores=cores, isa=isa, lanes=lanes,
+                fma_units=FMA_UNITS, fma_units_assumed=True, flops_per_fma=2, ghz=max_mhz / 1e3,
+                clock_source=clock_source)
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def max_clock_mhz():
+    """(MHz, source) of the CPU's maximum clock, from lscpu or cpufreq; (None, None) if neither says."""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        lscpu = ""
+    for line in lscpu.splitlines():
+        if line.startswith("CPU max MHz:"):
+            return float(line.split(":", 1)[1]), 'lscpu "CPU max MHz"'
+    khz = read_text("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").strip()
+    if khz:
+        return int(khz) / 1e3, "/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq"
+    return None, None
+
+
+def theoretical_peak(dtype, device):
+    """(fma_peak dict or None, one line describing it) for this machine, with torch's thread count as cores."""
+    if device.type != "cpu":
+        return None, f"n/a on {device.type}"
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+        return None, f"n/a on {platform.machine()} (derived for x86 only)"
+    if dtype not in (torch.float32, torch.float64):
+        return None, f"n/a for {str(dtype).split('.')[-1]} (derived for float32/float64 only)"
+    theo = fma_peak(read_text("/proc/cpuinfo"), dtype, torch.get_num_threads(), *max_clock_mhz())
+    if theo is None:
+        return None, "n/a (no avx512f nor avx2+fma in /proc/cpuinfo flags, or no clock)"
+    return theo, (f"{theo['gflops']:.1f} GFLOP/s = {theo['cores']} cores (threads) x {theo['lanes']} lanes "
+                  f"({theo['isa']}) x {theo['fma_units']} FMA units (assumed) x 2 flops x {theo['ghz']:.2f} GHz "
+                  f"({theo['clock_source']}); not the %peak denominator")
 
 
 class CheckError(AssertionError):
@@ -260,6 +399,11 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+def machine_name(info):
+    """The CPU model, and the GPU's name when running on CUDA."""
+    return f"{info['gpu']} (host CPU: {info['cpu']})" if info["gpu"] else info["cpu"]
+
+
 def load_average():
     """1-minute load average, or None where the OS does not provide one."""
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
@@ -338,7 +482,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per case; the median is reported")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs of each module before timing")
-    p.add_argument("--peak-n", type=int, help="size of the square torch.mm for the GEMM peak "
+    p.add_argument("--peak-n", type=int, help="size of the square GEMM (torch.mm and oneDNN) for the peak "
                    "(default 2048 on CPU, 8192 on CUDA, where 2048 is too small to fill the GPU)")
     p.add_argument("--tol", type=float, help="agreement-check tolerance (default depends on dtype)")
     p.add_argument("--seed", type=int, default=0)
@@ -357,7 +501,9 @@ def main(argv=None):
     cases = [(c, m, s) for s in shapes for c in args.cells for m in args.modes]
 
     args.peak_n = args.peak_n or (8192 if device.type == "cuda" else 2048)
-    peak = gemm_peak_gflops(args.peak_n, dtype, device)
+    gemm = gemm_peak(args.peak_n, dtype, device)
+    peak = gemm["peak"]
+    theo, theo_line = theoretical_peak(dtype, device)
     info = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         command=" ".join([os.path.basename(sys.executable), sys.argv[0]] + (sys.argv[1:] if argv is None else argv)),
@@ -365,13 +511,19 @@ def main(argv=None):
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         dtype=args.dtype, torch=torch.__version__, python=platform.python_version(),
         fastrnn=fastrnn_version(), fastrnn_path=os.path.dirname(fastrnn.__file__),
-        gemm_peak_gflops=peak, gemm_peak_n=args.peak_n, repeats=args.repeats, warmup=args.warmup,
-        cpu_count=os.cpu_count(), loadavg_start=load_average(),
+        gemm_mm_gflops=gemm["mm"], gemm_onednn_gflops=gemm["onednn"], gemm_onednn_note=gemm["onednn_note"],
+        gemm_peak_gflops=peak, gemm_peak_source=gemm["source"], gemm_peak_n=args.peak_n,
+        theoretical_peak_gflops=theo["gflops"] if theo else None, theoretical_peak=theo,
+        theoretical_peak_text=theo_line,
+        repeats=args.repeats, warmup=args.warmup, cpu_count=os.cpu_count(), loadavg_start=load_average(),
     )
-    print(f"# {info['gpu'] or info['cpu']} | {info['threads']} threads | {args.dtype} on {device} | "
+    onednn_text = f"{gemm['onednn']:.1f}" if gemm["onednn"] is not None else gemm["onednn_note"]
+    print(f"# {machine_name(info)} | {info['threads']} threads | {args.dtype} on {device} | "
           f"torch {info['torch']} | fastrnn {info['fastrnn']} ({info['fastrnn_path']})")
-    print(f"# GEMM peak ({args.peak_n}^3 torch.mm): {peak:.1f} GFLOP/s | median of {args.repeats}, "
-          f"warm-up {args.warmup} | load average {info['loadavg_start']} | "
+    print(f"# GEMM {args.peak_n}^3 GFLOP/s: torch.mm {gemm['mm']:.1f}, oneDNN matmul {onednn_text} | "
+          f"peak = {gemm['source']} {peak:.1f} GFLOP/s (the %peak denominator)")
+    print(f"# theoretical FMA peak: {theo_line}")
+    print(f"# median of {args.repeats}, warm-up {args.warmup} | load average {info['loadavg_start']} | "
           f"ratio = torch ms / fastrnn ms (>1: fastrnn faster)")
     # Other processes competing for the cores distort timings far more than run-to-run noise.
     if info["loadavg_start"] and info["loadavg_start"] > (os.cpu_count() or 1):
@@ -395,8 +547,8 @@ def main(argv=None):
         print(f"# wrote {args.json}")
     if args.png:
         os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
-        plot(rows, args.png, f"fastrnn vs torch.nn, {args.dtype} on {info['gpu'] or info['cpu']}, "
-                             f"{info['threads']} threads, layers={args.num_layers}, bidir={args.bidirectional}")
+        plot(rows, args.png, f"fastrnn vs torch.nn, {args.dtype}, {info['threads']} threads, "
+                             f"layers={args.num_layers}, bidir={args.bidirectional}\n{machine_name(info)}")
         print(f"# wrote {args.png}")
     errors = [r for r in rows if "error" in r]
     if errors:

@@ -6,10 +6,9 @@ Guarantees checked here (CPU):
   lengths= too, matches eager forward and backward, and does not recompile per shape.
 - Under CPU autocast the recurrence runs in float32 and y, h_n, c_n come back in the
   autocast dtype (as torch.nn.LSTM's do); float64 models are left alone.
-- Same seed, same thread count: bitwise-identical outputs and gradients, dropout included.
-  Across thread counts the recurrence itself is bitwise stable; the large GEMMs done by
-  the BLAS (input projection, weight and input gradients) are too when MKL runs in strict
-  CNR mode (MKL_CBWR=AUTO,STRICT), and may differ in the last bits otherwise.
+- Same seed: bitwise-identical outputs and gradients, dropout included, for any thread
+  count, with no environment variable (every GEMM is fastrnn's own, with a fixed
+  summation order).
 """
 import copy
 import gc
@@ -356,35 +355,37 @@ def test_same_seed_is_bitwise_reproducible(kind):
 
 
 def run_script(code, env=None, timeout=120):
-    env = {**os.environ, **(env or {})}
+    """Run `code` in a fresh Python; env entries set to None are removed."""
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
 
-@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="needs torch built with MKL")
-def test_bitwise_across_thread_counts_in_mkl_strict_mode():
-    """1 and 2 threads give bitwise the same outputs and gradients, at shapes where the
-    recurrence splits its hidden units over 2 threads. The BLAS GEMMs outside the
-    recurrence need MKL's strict CNR mode for this; the recurrence needs nothing. (In
-    MKL's default mode the weight gradients at these shapes differ in the last bits
-    between 1 and 2 threads: MKL splits the long T*B reduction by thread count.)"""
+@pytest.mark.parametrize("plan", ["hidden_split", "row_split"])
+def test_bitwise_across_thread_counts(plan):
+    """1 and 2 threads give bitwise the same outputs and gradients, float32 and float64,
+    with no environment variable: every GEMM (the recurrent step and the large ones) splits
+    only rows and columns over threads, never a sum, so each value is summed in one fixed
+    order. B=3 makes the recurrence split its hidden units over the 2 threads; B=32 gives
+    each thread its own rows."""
+    B = 3 if plan == "hidden_split" else 32
     out = run_script(f"""
         import sys
         import torch
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_ecosystem import seeded_run
-        cases = [(k, torch.float32) for k in ("LSTM", "GRU", "RNN")] + [("LSTM", torch.float64)]
-        for kind, dtype in cases:
-            torch.set_num_threads(1)
-            one = seeded_run(kind, dtype, T=64, B=16, hidden=128)
-            torch.set_num_threads(2)
-            two = seeded_run(kind, dtype, T=64, B=16, hidden=128)
-            bad = [i for i, (a, b) in enumerate(zip(one, two)) if not torch.equal(a, b)]
-            print(kind, dtype, "differs at", bad if bad else "none")
-    """, env={"MKL_CBWR": "AUTO,STRICT"})
-    assert out.count("differs at none") == 4, out
+        for kind in ("LSTM", "GRU", "RNN"):
+            for dtype in (torch.float32, torch.float64):
+                torch.set_num_threads(1)
+                one = seeded_run(kind, dtype, T=40, B={B}, hidden=128)
+                torch.set_num_threads(2)
+                two = seeded_run(kind, dtype, T=40, B={B}, hidden=128)
+                bad = [i for i, (a, b) in enumerate(zip(one, two)) if not torch.equal(a, b)]
+                print(kind, dtype, "differs at", bad if bad else "none")
+    """, env={"MKL_CBWR": None})
+    assert out.count("differs at none") == 6, out
 
 
 # --------------------------------------------------------------------------- threads

@@ -29,7 +29,7 @@ enum class CellKind { LSTM, GRU, RNN_TANH, RNN_RELU };
 
 namespace detail {
 // exp(x) for float, Cody-Waite range reduction + degree-5 minimax polynomial (~1 ulp).
-inline float exp_poly(float x) {
+inline __attribute__((always_inline)) float exp_poly(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   // n = round(x / ln2) by the 1.5 * 2^23 trick: std::floor/nearbyint block vectorisation.
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -47,7 +47,7 @@ inline float exp_poly(float x) {
   return e * scale;
 }
 
-inline float tanh_poly(float x) {
+inline __attribute__((always_inline)) float tanh_poly(float x) {
   const float a = std::fabs(x);
   // Small |x|: odd polynomial (avoids cancellation in 1 - 2/(e^2a + 1)).
   const float z = x * x;
@@ -62,8 +62,12 @@ inline float tanh_poly(float x) {
 }
 }  // namespace detail
 
+// Templates so that a SIMD vector type can supply its own (cpu/simd.h): the CPU kernels
+// run this file's cell math on several units at once.
 template <class T> FASTRNN_HD T sigmoid(T x) { return T(1) / (T(1) + exp(-x)); }
 template <class T> FASTRNN_HD T tanh_act(T x) { return tanh(x); }
+template <class T> FASTRNN_HD T relu(T x) { return x > T(0) ? x : T(0); }
+template <class T> FASTRNN_HD T relu_grad(T h, T dh) { return h > T(0) ? dh : T(0); }
 
 #if !defined(__CUDA_ARCH__)
 template <> FASTRNN_HD float sigmoid<float>(float x) {
@@ -158,7 +162,7 @@ struct Rnn {
   FASTRNN_HD static void forward(const T* xg, const T* hg, T /*hp*/, T /*cp*/, T& h, T& /*c*/,
                                  T* save) {
     const T a = xg[0] + hg[0];
-    h = Relu ? (a > T(0) ? a : T(0)) : tanh_act(a);
+    h = Relu ? relu(a) : tanh_act(a);
     save[0] = h;
   }
 
@@ -166,7 +170,7 @@ struct Rnn {
   FASTRNN_HD static void backward(const T* save, T /*hp*/, T /*cp*/, T dh, T& /*dc*/, T* dgx,
                                   T* dgh, T& dhp) {
     const T h = save[0];
-    dgx[0] = Relu ? (h > T(0) ? dh : T(0)) : dh * (T(1) - h * h);
+    dgx[0] = Relu ? relu_grad(h, dh) : dh * (T(1) - h * h);
     dgh[0] = dgx[0];
     dhp = T(0);
   }

@@ -8,8 +8,10 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
+#include "../kernels/cpu/kernels.h"
 #include "rnn_op.h"
 
 namespace fastrnn {
@@ -34,6 +36,9 @@ TORCH_LIBRARY(fastrnn, m) {
       "Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor gates, Tensor hprev, Tensor cprev, "
       "Tensor m, bool reverse, bool input_grad) -> (Tensor dx, Tensor dh0, Tensor dc0, "
       "Tensor dw_ih, Tensor dw_hh, Tensor db_ih, Tensor db_hh, Tensor dw_hr)");
+  // a @ b with the GEMM the CPU kernels use (same bits for any thread count); for tests
+  // and benchmarks.
+  m.def("mm(Tensor a, Tensor b) -> Tensor");
 }
 
 // fastrnn::backward has no derivative of its own: second-order gradients come from ops.py,
@@ -67,4 +72,12 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("cuda") = false;
 #endif
+  // The CPU kernels' instruction set: chosen from the CPU's feature flags at the first
+  // call; tests and benchmarks may pick another one this CPU supports.
+  m.def("cpu_kernels", [] { return std::string(fastrnn::cpu::kernels().name); },
+        "Instruction set of the CPU kernels in use: avx512, avx2 or portable");
+  m.def("supported_cpu_kernels", &fastrnn::cpu::supported_kernels,
+        "Instruction sets this build has and this CPU runs, best first");
+  m.def("set_cpu_kernels", &fastrnn::cpu::set_kernels, pybind11::arg("name"),
+        "Use the named CPU kernels from now on; False if this CPU cannot run them");
 }

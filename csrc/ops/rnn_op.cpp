@@ -22,6 +22,24 @@ at::Tensor valid_rows(const c10::optional<at::Tensor>& lengths, int64_t T, int64
   return rows.size(0) * 10 < T * B * 9 ? rows : at::Tensor();
 }
 
+// a [M, K] @ b [K, N] (+ bias [N]) as a new [M, N] tensor: on the CPU fastrnn's own GEMM
+// (any strides, so transposed views cost no copy; the same bits for any thread count and
+// the same speed on any vendor's CPU), on CUDA ATen's (cuBLAS).
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
+  if (a.is_cuda()) return bias.defined() ? at::addmm(bias, a, b) : at::mm(a, b);
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  cpu_matmul_out(out, a, b, bias.defined() ? bias.contiguous() : bias, false);
+  return out;
+}
+
+// Column sums of t [N, C] (the bias gradients), as ones [1, N] @ t on the CPU so the
+// summation order is fixed whatever the thread count.
+at::Tensor column_sum(const at::Tensor& t) {
+  if (t.is_cuda()) return t.sum(0);
+  const at::Tensor ones = at::ones({1, 1}, t.options()).expand({1, t.size(0)});
+  return gemm(ones, t).view({t.size(1)});
+}
+
 // The rows of `t` (dim 0 of a [T*B, n] view, or dim 1 of [D, T*B, n]) that are valid.
 at::Tensor take(const at::Tensor& t, const at::Tensor& rows, int64_t dim) {
   return rows.defined() ? t.index_select(dim, rows) : t;
@@ -65,8 +83,7 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
   const at::Tensor w_ih2 = w_ih.reshape({s.D * s.G * s.H, s.I});
   const at::Tensor rows = valid_rows(lengths, s.T, s.B);
   const at::Tensor xv = take(x2, rows, 0);
-  const at::Tensor gx = opt(b_ih) ? at::addmm(b_ih->reshape({-1}), xv, w_ih2.t())
-                                  : at::mm(xv, w_ih2.t());
+  const at::Tensor gx = gemm(xv, w_ih2.t(), opt(b_ih) ? b_ih->reshape({-1}) : at::Tensor());
   a.gx = rows.defined() ? at::empty({s.T * s.B, gx.size(1)}, x.options()).index_copy_(0, rows, gx)
                         : gx;
   a.w_hh = w_hh.contiguous();
@@ -80,6 +97,21 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
   else
     cpu_forward_loop(a);
   return out;
+}
+
+at::Tensor mm_op(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "fastrnn::mm: expected 2-D tensors, got ", a.dim(),
+              "-D and ", b.dim(), "-D");
+  TORCH_CHECK(a.size(1) == b.size(0), "fastrnn::mm: shapes ", a.sizes(), " and ", b.sizes(),
+              " cannot be multiplied");
+  TORCH_CHECK(a.dtype() == b.dtype(), "fastrnn::mm: dtypes differ: ", a.dtype(), " and ",
+              b.dtype());
+  TORCH_CHECK(a.device() == b.device(), "fastrnn::mm: devices differ: ", a.device(), " and ",
+              b.device());
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
+              "fastrnn::mm: unsupported dtype ", a.dtype(), " (float32 and float64 only)");
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return gemm(a, b);
 }
 
 BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>& dy,
@@ -132,23 +164,29 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
   const at::Tensor dgx = take(a.dgx.view({TB, DGH}), rows, 0);             // [N, D*G*H]
   const at::Tensor dgh = s.kind == CellKind::GRU
                              ? take(a.dgh.view({TB, DGH}), rows, 0).view({N, s.D, GH})
-                             : dgx.view({N, s.D, GH});
-  const at::Tensor dghd = dgh.transpose(0, 1);                             // [D, N, G*H]
+                             : dgx.view({N, s.D, GH});                     // [N, D, G*H]
   const at::Tensor xv = take(x.view({TB, s.I}), rows, 0);
   at::Tensor dx = empty0(x);
   if (input_grad) {
-    const at::Tensor dxv = at::mm(dgx, w_ih.reshape({DGH, s.I}));
+    const at::Tensor dxv = gemm(dgx, w_ih.reshape({DGH, s.I}));
     dx = rows.defined() ? at::zeros({TB, s.I}, x.options()).index_copy_(0, rows, dxv) : dxv;
     dx = dx.view({s.T, s.B, s.I});
   }
-  at::Tensor dw_ih = at::mm(dgx.t(), xv).view({s.D, GH, s.I});
-  at::Tensor dw_hh = at::bmm(dghd.transpose(1, 2),
-                             take(hprev.contiguous().view({s.D, TB, s.P}), rows, 1));
-  at::Tensor db_ih = dgx.sum(0).view({s.D, GH});
-  at::Tensor db_hh = s.kind == CellKind::GRU ? dghd.sum(1) : db_ih.clone();  // same sum otherwise
-  at::Tensor dw_hr = s.proj ? at::bmm(take(a.dhtot.view({s.D, TB, s.P}), rows, 1).transpose(1, 2),
-                                      take(m.contiguous().view({s.D, TB, s.H}), rows, 1))
-                            : empty0(x);
+  at::Tensor dw_ih = gemm(dgx.t(), xv).view({s.D, GH, s.I});
+  const at::Tensor hp = take(hprev.contiguous().view({s.D, TB, s.P}), rows, 1);
+  const at::Tensor mv = s.proj ? take(m.contiguous().view({s.D, TB, s.H}), rows, 1) : at::Tensor();
+  const at::Tensor dht = s.proj ? take(a.dhtot.view({s.D, TB, s.P}), rows, 1) : at::Tensor();
+  std::vector<at::Tensor> dw_hh_d, db_hh_d, dw_hr_d;
+  for (int64_t d = 0; d < s.D; ++d) {
+    const at::Tensor g = dgh.select(1, d);  // [N, G*H], a strided view
+    dw_hh_d.push_back(gemm(g.t(), hp[d]));
+    if (s.kind == CellKind::GRU) db_hh_d.push_back(column_sum(g));
+    if (s.proj) dw_hr_d.push_back(gemm(dht[d].t(), mv[d]));
+  }
+  at::Tensor dw_hh = at::stack(dw_hh_d);
+  at::Tensor db_ih = column_sum(dgx).view({s.D, GH});
+  at::Tensor db_hh = s.kind == CellKind::GRU ? at::stack(db_hh_d) : db_ih.clone();  // same sum otherwise
+  at::Tensor dw_hr = s.proj ? at::stack(dw_hr_d) : empty0(x);
   return {dx, a.dh0, a.dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
 }
 

@@ -32,6 +32,9 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                         const at::Tensor& hprev, const at::Tensor& cprev, const at::Tensor& m,
                         bool reverse, bool input_grad);
 
+// a @ b for 2-D tensors: fastrnn's own CPU GEMM (the one the layers use), ATen's on CUDA.
+at::Tensor mm_op(const at::Tensor& a, const at::Tensor& b);
+
 // Contiguous tensors of one layer; undefined (or empty) where unused. Per-direction
 // tensors carry a leading [D] axis; shapes otherwise as in params.h.
 struct LoopTensors {
@@ -98,6 +101,10 @@ BackwardParams<E> backward_params(const LoopTensors& a, int d) {
 
 // Backends: run the time loop. Defined per device (cpu_loop.cpp, cuda_loop.cu).
 void cpu_forward_loop(const LoopTensors& a);
+// out [M, N] (row stride out.stride(0), unit column stride) = a [M, K] @ b [K, N] (+ bias
+// [N], contiguous, or undefined) (+ out when accumulate); a and b may have any strides.
+void cpu_matmul_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                    const at::Tensor& bias, bool accumulate);
 void cpu_backward_loop(const LoopTensors& a);
 void cuda_forward_loop(const LoopTensors& a);
 void cuda_backward_loop(const LoopTensors& a);

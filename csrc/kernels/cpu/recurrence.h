@@ -1,11 +1,13 @@
 // CPU recurrence driver: runs the whole time loop of one layer (one or both directions),
-// forward or backward, for any cell policy from cells.h. Torch-free; the caller supplies
-// the GEMM.
+// forward or backward, for any cell policy from cells.h, on the register-tiled kernels of
+// gemm.h for one instruction set (Isa below). Torch-free.
 //
 // Parallel scheme: one OpenMP region lives for the whole sequence (see Plan below).
 // Hidden split (weight-stationary): each thread of a direction's team owns a slice of
-// hidden units across all gates, keeps its packed slice of W_hh hot in its own cache, runs
-// its GEMM tile and then the gate math for that slice, and the team meets once per step at
+// hidden units across all gates and keeps its slice of W_hh packed in its own cache.
+// Forward, one pass per tile: the accumulators of MR rows x (all G gates of L units) run
+// the K loop and then the cell's gate math (cells.h on Vec lanes) before they leave the
+// registers; h, c and the saved values are written once. The team meets once per step at
 // a spin barrier (twice with a projection). Row split: each thread runs its own share of
 // the batch rows with the whole W_hh and no barrier.
 #pragma once
@@ -20,19 +22,24 @@
 
 #include "../cells.h"
 #include "../params.h"
+#include "gemm.h"
+#include "kernels.h"
+#include "simd.h"
 
 namespace fastrnn {
 namespace cpu {
+inline namespace FASTRNN_CPU_ISA {
 
-// The caller provides the GEMM, for weights that stay fixed over the whole sequence:
-//   auto w = gemm.pack(W, ldw, trans, K, N, M);
-//       prepares op(W) [K, N] for products with M rows; W is [N, K] row-major (leading
-//       dimension ldw) when trans, else [K, N]. Called once per thread before the loop.
-//   gemm.run(w, m, A, lda, beta, C, ldc);
-//       C[m, N] = A[m, K] op(W) + beta * C, row-major, for any m <= M.
-//   auto guard = gemm.single_threaded();
-//       keeps the BLAS on the calling thread while the guard lives: run() is called inside
-//       the team, one call per thread and step.
+// One instruction set's tiling: vectors of VecBytes bytes, AccRegs vector registers for
+// accumulators, and the (GemmMR rows x GemmNV vectors) tile of the plain GEMMs.
+template <int VecBytes, int AccRegs, int GemmMR, int GemmNV>
+struct Isa {
+  template <class T> static constexpr int kLanes = VecBytes / static_cast<int>(sizeof(T));
+  template <class T> using V = Vec<T, kLanes<T>>;
+  template <class T> using Gemm = cpu::Gemm<T, kLanes<T>, GemmMR, GemmNV>;
+  // Rows of the fused forward tile of a cell with G gates: G * MR accumulators.
+  static constexpr int rows_for(int G) { return std::max(1, std::min(8, AccRegs / G)); }
+};
 
 class SpinBarrier {
  public:
@@ -79,42 +86,83 @@ inline Range split(int64_t n, int parts, int k) {
   return {std::min(n, blocks * k / parts * 16), std::min(n, blocks * (k + 1) / parts * 16)};
 }
 
-template <class T>
-inline int64_t forward_workspace(const ForwardParams<T>& p, int gates) {
-  const int64_t GH = gates * p.H;
-  return GH * p.P + p.B * GH + 2 * p.B * p.P + 3 * p.B * p.H + GH;
-}
-
-template <class T>
-inline int64_t backward_workspace(const BackwardParams<T>& p, int gates) {
-  return p.B * p.P + 2 * p.B * p.H + 2 * p.B * gates * p.H;
-}
 
 inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
-// Gate math for units [0, n) of one batch row; pointers start at the row's first unit.
-// Gate k of unit u sits at x[k*xs + u], bias[k*xs + u] and r[k*rs + u]. Branch-free, so the
-// loop vectorises. (ivdep rather than omp simd: omp simd keeps the small per-unit arrays
-// in memory as gathers, which defeats GCC's vectoriser.)
-template <class Cell, bool Save, class T>
-inline void forward_units(int64_t n, const T* x, const T* bias, int64_t xs, const T* r,
-                          int64_t rs, const T* hp, const T* cp, T* h, T* c, T* save) {
-  constexpr int G = Cell::kGates, S = Cell::kSaved;
-#pragma GCC ivdep
-  for (int64_t u = 0; u < n; ++u) {
-    T xg[G], hg[G], sv[S], hv, cv = T(0);
+// W_hh rows of units [j0, j0 + hs), packed for the fused tile: block u (units
+// j0 + u*L ...) is a panel [P][G][L] holding W_hh[g*H + j0 + u*L + l][k] at (k, g, l),
+// zero past hs. w_hh: [G*H, P]; out: [ceil(hs / L)][P][G][L].
+template <int G, int L, class T>
+void pack_gates(const T* w_hh, int64_t H, int64_t P, int64_t j0, int64_t hs, T* out) {
+  for (int64_t u = 0; u * L < hs; ++u) {
+    T* panel = out + u * P * G * L;
+    for (int g = 0; g < G; ++g)
+      for (int l = 0; l < L; ++l) {
+        const int64_t j = u * L + l;
+        const T* src = j < hs ? w_hh + (g * H + j0 + j) * P : nullptr;
+        for (int64_t k = 0; k < P; ++k) panel[(k * G + g) * L + l] = src ? src[k] : T(0);
+      }
+  }
+}
+
+// What the fused tiles of one step read and write. Rows are in schedule order: row i is
+// batch row order[i]; the running state buffers hold them in that order.
+template <class T>
+struct StepIo {
+  const T* hin;    // [Bn, P] h entering the step
+  const T* cin;    // [Bn, H] c entering the step (LSTM)
+  T* hout;         // [Bn, P] h leaving the step (no projection)
+  T* cout;         // [Bn, H] c leaving the step (LSTM)
+  T* mbuf;         // [Bn, H] cell output before the projection (projection only)
+  T* yt;           // [B, ldy] this step's output rows, caller's row order
+  int64_t row0;    // t * B: flat row of batch row 0 at this step in gx, gates, m
+  const int64_t* order;
+  const T* bias;   // [G*H] b_hh (or zeros)
+  bool save, proj;
+};
+
+// One fused tile: rows [i0, i0 + MR) x all G gates of units [u0, u0 + nu) (nu <= L).
+// The K loop accumulates h W_hh^T in registers; the gate math then runs on the
+// accumulators and writes h (to y, or to mbuf for the projection), c and the saved values.
+template <class Cell, int MR, class V, class T>
+FASTRNN_INLINE void fused_tile(const ForwardParams<T>& p, const StepIo<T>& io, const T* panel,
+                               int64_t i0, int64_t u0, int nu) {
+  constexpr int G = Cell::kGates, S = Cell::kSaved, L = V::kLanes;
+  const int64_t H = p.H, P = p.P;
+  V acc[MR][G];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int k = 0; k < G; ++k) {
-      xg[k] = x[k * xs + u];
-      hg[k] = r[k * rs + u] + bias[k * xs + u];
+    for (int g = 0; g < G; ++g) acc[r][g] = V(T(0));
+  tile_acc<MR, G>(P, io.hin + i0 * P, P, 1, panel, acc);
+
+  const bool full = nu == L;
+  auto load = [full, nu](const T* q) { return full ? V::load(q) : V::load(q, nu); };
+  auto store = [full, nu](V v, T* q) { full ? v.store(q) : v.store(q, nu); };
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const int64_t i = i0 + r, b = io.order[i], row = io.row0 + b;
+    const T* x = p.gx + row * p.ldgx + u0;
+    V xg[G], hg[G], sv[S], h, c(T(0));
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      xg[g] = load(x + g * H);
+      hg[g] = acc[r][g] + load(io.bias + g * H + u0);
     }
-    Cell::forward(xg, hg, Cell::kUsesPrevH ? hp[u] : T(0), Cell::kHasCell ? cp[u] : T(0), hv,
-                  cv, sv);
-    h[u] = hv;
-    if constexpr (Cell::kHasCell) c[u] = cv;
-    if constexpr (Save) {
+    const V hp = Cell::kUsesPrevH ? load(io.hin + i * P + u0) : V(T(0));
+    const V cp = Cell::kHasCell ? load(io.cin + i * H + u0) : V(T(0));
+    Cell::forward(xg, hg, hp, cp, h, c, sv);
+    if (io.proj) {
+      store(h, io.mbuf + i * H + u0);
+      if (io.save) store(h, p.m + row * H + u0);
+    } else {
+      store(h, io.hout + i * P + u0);
+      store(h, io.yt + b * p.ldy + u0);
+    }
+    if constexpr (Cell::kHasCell) store(c, io.cout + i * H + u0);
+    if (io.save) {
 #pragma GCC unroll 4
-      for (int k = 0; k < S; ++k) save[k * xs + u] = sv[k];
+      for (int k = 0; k < S; ++k) store(sv[k], p.gates + row * S * H + k * H + u0);
     }
   }
 }
@@ -167,11 +215,12 @@ inline void make_schedule(const int64_t* lengths, int64_t T, int64_t B, int64_t*
   }
 }
 
-template <class Cell, class T, class Gemm>
-void forward_team(const ForwardParams<T>& p, const Schedule& sched, const Gemm& gemm, T* ws,
-                  const Team& team) {
-  constexpr int G = Cell::kGates, S = Cell::kSaved;
-  const int64_t Tn = p.T, B = p.B, H = p.H, P = p.P, GH = G * H;
+template <class Cell, class Isa, class T>
+void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const Team& team) {
+  using V = typename Isa::template V<T>;
+  using Gemm = typename Isa::template Gemm<T>;
+  constexpr int G = Cell::kGates, L = V::kLanes, MR = Isa::rows_for(G);
+  const int64_t Tn = p.T, B = p.B, H = p.H, P = p.P;
   const bool proj = p.w_hr != nullptr, saving = p.saving();
   const Range hr = split(H, team.size, team.rank);
   const Range pr = proj ? split(P, team.size, team.rank) : hr;
@@ -181,82 +230,78 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, const Gemm& 
   const int64_t Bn = sched.rows;  // rows handled here; B stays the row stride of the tensors
 
   // Workspace. The running state is kept in schedule order (row i = order[i]).
-  T* wpack = ws;               // [G*H, P] W_hh rows regrouped: thread slice at rows
-                               //          [G*j0, G*j1), gate-major [G, hs, P] within it
-  T* gh = wpack + GH * P;      // [Bn, G*H] recurrent pre-activations, per-thread [B, G*hs]
-  T* hbuf = gh + Bn * GH;       // [2, B, P] ping-pong h, schedule order
+  T* hbuf = ws;                 // [2, B, P] ping-pong h, schedule order
   T* cbuf = hbuf + 2 * Bn * P;  // [2, B, H] ping-pong c, schedule order
   T* mbuf = cbuf + 2 * Bn * H;  // [B, H] output before projection, schedule order
   T* zeros = mbuf + Bn * H;     // [G*H] stands in for a missing b_hh
   if (!p.b_hh)  // each thread reads only its own units of every gate
     for (int k = 0; k < G; ++k) std::fill(zeros + k * H + j0, zeros + k * H + j1, T(0));
-  const T* bias = p.b_hh ? p.b_hh : zeros;
-  T* my_w = wpack + G * j0 * P;
-  T* my_gh = gh + Bn * G * j0;
 
-  for (int k = 0; k < G; ++k)
-    for (int64_t j = j0; j < j1; ++j)
-      std::copy_n(p.w_hh + (k * H + j) * P, P, my_w + (k * hs + j - j0) * P);
-  const auto blas_guard = gemm.single_threaded();
-  const auto w_rec = gemm.pack(my_w, P, true, P, G * hs, Bn);  // [P, G*hs]
-  const auto w_proj = gemm.pack(proj ? p.w_hr + p0 * H : nullptr, H, true, H, proj ? ps : 0, Bn);
+  // This thread's slice of W_hh, packed once for the whole sequence, and of W_hr^T
+  // (op(B)[k, n] = W_hr[p0 + n, k], K = H, N = ps).
+  const int64_t blocks = (hs + L - 1) / L;
+  Buffer<T> w_rec;
+  w_rec.resize(std::max<int64_t>(1, blocks * P * G * L));
+  pack_gates<G, L>(p.w_hh, H, P, j0, hs, w_rec.data);
+  Buffer<T> w_proj_mem;
+  Panels<T> w_proj{nullptr, H, proj ? ps : 0, Gemm::kWidth};
+  if (w_proj.N > 0) {
+    w_proj_mem.resize(w_proj.count() * H * Gemm::kWidth);
+    pack_panels(p.w_hr + p0 * H, 1, H, H, ps, Gemm::kWidth, 0, w_proj.count(), w_proj_mem.data);
+    w_proj.data = w_proj_mem.data;
+  }
 
   // Initial state into schedule order; each thread copies the columns it will update.
   for (int64_t i = 0; i < Bn; ++i) {
     std::copy(p.h0 + order[i] * P + p0, p.h0 + order[i] * P + p1, hbuf + i * P + p0);
     if (Cell::kHasCell) std::copy(p.c0 + order[i] * H + j0, p.c0 + order[i] * H + j1, cbuf + i * H + j0);
   }
-  team.sync();  // the first GEMM reads every column of h
+  team.sync();  // the first step reads every column of h
 
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = time_of(s, Tn, p.reverse), n = sched.active[t];
-    const T* hin = hbuf + (s % 2) * Bn * P;
-    T* hout = hbuf + ((s + 1) % 2) * Bn * P;
-    const T* cin = cbuf + (s % 2) * Bn * H;
-    T* cout = cbuf + ((s + 1) % 2) * Bn * H;
-    T* yt = p.y + t * B * p.ldy;
+    const StepIo<T> io{hbuf + (s % 2) * Bn * P, cbuf + (s % 2) * Bn * H,
+                       hbuf + ((s + 1) % 2) * Bn * P, cbuf + ((s + 1) % 2) * Bn * H, mbuf,
+                       p.y + t * B * p.ldy, t * B, order, p.b_hh ? p.b_hh : zeros, saving, proj};
 
-    if (hs > 0 && n > 0) gemm.run(w_rec, n, hin, P, T(0), my_gh, G * hs);
+    // The running rows (a prefix): fused tiles, unit block by unit block so each block's
+    // panel is reused by every row tile while it is in L1/L2.
+    for (int64_t u = 0; u < blocks; ++u) {
+      const T* panel = w_rec.data + u * P * G * L;
+      const int64_t u0 = j0 + u * L;
+      const int nu = static_cast<int>(std::min<int64_t>(L, j1 - u0));
+      int64_t i0 = 0;
+      for (; i0 + MR <= n; i0 += MR) fused_tile<Cell, MR, V>(p, io, panel, i0, u0, nu);
+      with_rows<MR - 1>(n - i0, [&](auto rows) {
+        fused_tile<Cell, decltype(rows)::value, V>(p, io, panel, i0, u0, nu);
+      });
+    }
 
     for (int64_t i = 0; i < Bn; ++i) {
       const int64_t row = t * B + order[i];
       if (saving) {  // what backward reads: the state entering this step
-        std::copy(hin + i * P + p0, hin + i * P + p1, p.hprev + row * P + p0);
-        if (Cell::kHasCell) std::copy(cin + i * H + j0, cin + i * H + j1, p.cprev + row * H + j0);
+        std::copy(io.hin + i * P + p0, io.hin + i * P + p1, p.hprev + row * P + p0);
+        if (Cell::kHasCell)
+          std::copy(io.cin + i * H + j0, io.cin + i * H + j1, p.cprev + row * H + j0);
       }
-      if (i >= n) {  // finished or not yet started: state passes through, output is zero
-        if (Cell::kHasCell) std::copy(cin + i * H + j0, cin + i * H + j1, cout + i * H + j0);
-        std::copy(hin + i * P + p0, hin + i * P + p1, hout + i * P + p0);
-        std::fill(yt + order[i] * p.ldy + p0, yt + order[i] * p.ldy + p1, T(0));
-        if (saving) {  // never read by backward; kept defined
-          for (int k = 0; k < S; ++k) std::fill_n(p.gates + row * S * H + k * H + j0, hs, T(0));
-          if (proj) std::fill(p.m + row * H + j0, p.m + row * H + j1, T(0));
-        }
-        continue;
-      }
-      const T* hp = Cell::kUsesPrevH ? hin + i * P + j0 : nullptr;
-      const T* cp = Cell::kHasCell ? cin + i * H + j0 : nullptr;
-      T* c = Cell::kHasCell ? cout + i * H + j0 : nullptr;
-      T* h = proj ? mbuf + i * H + j0 : hout + i * P + j0;
-      const T* x = p.gx + row * p.ldgx + j0;
-      const T* r = my_gh + i * G * hs;
-      if (saving)
-        forward_units<Cell, true>(hs, x, bias + j0, H, r, hs, hp, cp, h, c,
-                                  p.gates + row * S * H + j0);
-      else
-        forward_units<Cell, false>(hs, x, bias + j0, H, r, hs, hp, cp, h, c, (T*)nullptr);
-      if (proj) {
-        if (saving) std::copy(h, h + hs, p.m + row * H + j0);
-      } else {
-        std::copy(h, h + hs, yt + order[i] * p.ldy + j0);
+      if (i < n) continue;
+      // Finished or not yet started: state passes through, output is zero.
+      if (Cell::kHasCell) std::copy(io.cin + i * H + j0, io.cin + i * H + j1, io.cout + i * H + j0);
+      std::copy(io.hin + i * P + p0, io.hin + i * P + p1, io.hout + i * P + p0);
+      std::fill(io.yt + order[i] * p.ldy + p0, io.yt + order[i] * p.ldy + p1, T(0));
+      if (saving) {  // never read by backward; kept defined
+        for (int k = 0; k < Cell::kSaved; ++k)
+          std::fill_n(p.gates + row * Cell::kSaved * H + k * H + j0, hs, T(0));
+        if (proj) std::fill(p.m + row * H + j0, p.m + row * H + j1, T(0));
       }
     }
     team.sync();
 
     if (proj) {  // h = m W_hr^T for the running rows, split over the P outputs
-      if (ps > 0 && n > 0) gemm.run(w_proj, n, mbuf, H, T(0), hout + p0, P);
+      if (ps > 0 && n > 0)
+        Gemm::run(w_proj, 0, w_proj.count(), n, mbuf, H, 1, T(0), nullptr, io.hout + p0, P);
       for (int64_t i = 0; i < n; ++i)
-        std::copy(hout + i * P + p0, hout + i * P + p1, yt + order[i] * p.ldy + p0);
+        std::copy(io.hout + i * P + p0, io.hout + i * P + p1, io.yt + order[i] * p.ldy + p0);
       team.sync();
     }
   }
@@ -270,9 +315,9 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, const Gemm& 
   }
 }
 
-template <class Cell, class T, class Gemm>
-void backward_team(const BackwardParams<T>& p, const Schedule& sched, const Gemm& gemm, T* ws,
-                   const Team& team) {
+template <class Cell, class Isa, class T>
+void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, const Team& team) {
+  using Gemm = typename Isa::template Gemm<T>;
   constexpr int G = Cell::kGates, S = Cell::kSaved;
   const int64_t Tn = p.T, B = p.B, H = p.H, P = p.P, GH = G * H;
   const bool proj = p.w_hr != nullptr;
@@ -289,9 +334,20 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, const Gemm
   T* dm = dc + Bn * H;        // [B, H] dL/d(output before projection) (proj)
   T* dg = dm + Bn * H;        // [2, B, G*H] this step's dgh, ping-pong: the GEMM of one
                              //             step may still read it while the next is written
-  const auto blas_guard = gemm.single_threaded();
-  const auto w_rec = gemm.pack(p.w_hh + p0, P, false, GH, ps, Bn);  // [G*H, ps] column slice
-  const auto w_proj = gemm.pack(proj ? p.w_hr + j0 : nullptr, H, false, P, proj ? hs : 0, Bn);
+  // Packed once for the whole sequence: the column slice W_hh[:, p0:p1] (K = G*H, N = ps)
+  // and, with a projection, W_hr[:, j0:j1] (K = P, N = hs).
+  Buffer<T> w_rec_mem, w_proj_mem;
+  Panels<T> w_rec{nullptr, GH, ps, Gemm::kWidth}, w_proj{nullptr, P, proj ? hs : 0, Gemm::kWidth};
+  if (w_rec.N > 0) {
+    w_rec_mem.resize(w_rec.count() * GH * Gemm::kWidth);
+    pack_panels(p.w_hh + p0, P, 1, GH, ps, Gemm::kWidth, 0, w_rec.count(), w_rec_mem.data);
+    w_rec.data = w_rec_mem.data;
+  }
+  if (w_proj.N > 0) {
+    w_proj_mem.resize(w_proj.count() * P * Gemm::kWidth);
+    pack_panels(p.w_hr + j0, H, 1, P, hs, Gemm::kWidth, 0, w_proj.count(), w_proj_mem.data);
+    w_proj.data = w_proj_mem.data;
+  }
 
   for (int64_t i = 0; i < Bn; ++i) {
     const int64_t b = order[i];
@@ -319,7 +375,8 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, const Gemm
     int64_t ld = P;
     if (proj) {
       team.sync();
-      if (hs > 0 && n > 0) gemm.run(w_proj, n, dh, P, T(0), dm + j0, H);
+      if (hs > 0 && n > 0)
+        Gemm::run(w_proj, 0, w_proj.count(), n, dh, P, 1, T(0), nullptr, dm + j0, H);
       dout = dm;
       ld = H;
     }
@@ -356,7 +413,8 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, const Gemm
     // others keep dh as it was, so the gradient passes through padded steps unchanged.
     if (proj)
       for (int64_t i = 0; i < n; ++i) std::fill(dh + i * P + p0, dh + i * P + p1, T(0));
-    if (ps > 0 && n > 0) gemm.run(w_rec, n, dgs, GH, T(1), dh + p0, P);
+    if (ps > 0 && n > 0)
+      Gemm::run(w_rec, 0, w_rec.count(), n, dgs, GH, 1, T(1), nullptr, dh + p0, P);
   }
 
   team.sync();  // dh of every column is final
@@ -448,16 +506,6 @@ inline void make_plan(const int64_t* lengths, int64_t T, int64_t B, int64_t weig
   }
 }
 
-// Workspace elements per direction, for any plan (a row split needs one per share).
-template <class T>
-inline int64_t forward_workspace(const ForwardParams<T>& p, int gates, int max_threads) {
-  return forward_workspace(p, gates) * std::max(1, max_threads);
-}
-template <class T>
-inline int64_t backward_workspace(const BackwardParams<T>& p, int gates, int max_threads) {
-  return backward_workspace(p, gates) * std::max(1, max_threads);
-}
-
 // Runs body(d, share, workspace, team) for every direction d < ndir and share of its rows.
 template <class Params, class T, class Body>
 void run_plan(const Params* p, int gates, int ndir, int want, int max_threads, int64_t per_share,
@@ -480,33 +528,33 @@ void run_plan(const Params* p, int gates, int ndir, int want, int max_threads, i
   });
 }
 
-// p[d], ws[d]: parameters and workspace (forward_workspace(p[0], G, max_threads) elements)
+// p[d], ws[d]: parameters and workspace (forward_workspace(p[0], G) * max_threads elements)
 // of direction d < ndir (1 or 2). The directions share lengths, so they share one plan.
-template <class T, class Gemm>
-void forward(CellKind kind, const ForwardParams<T>* p, int ndir, const Gemm& gemm, T* const* ws,
-             int max_threads) {
+template <class Isa, class T>
+void forward(CellKind kind, const ForwardParams<T>* p, int ndir, T* const* ws, int max_threads) {
   dispatch_cell(kind, [&](auto cell) {
     using Cell = decltype(cell);
     run_plan(p, Cell::kGates, ndir, team_size(p[0].B, Cell::kGates * p[0].H, p[0].P), max_threads,
              forward_workspace(p[0], Cell::kGates), ws,
              [&](int d, const Schedule& sched, T* w, const Team& team) {
-               forward_team<Cell>(p[d], sched, gemm, w, team);
+               forward_team<Cell, Isa>(p[d], sched, w, team);
              });
   });
 }
 
-template <class T, class Gemm>
-void backward(CellKind kind, const BackwardParams<T>* p, int ndir, const Gemm& gemm,
-              T* const* ws, int max_threads) {
+template <class Isa, class T>
+void backward(CellKind kind, const BackwardParams<T>* p, int ndir, T* const* ws,
+              int max_threads) {
   dispatch_cell(kind, [&](auto cell) {
     using Cell = decltype(cell);
     run_plan(p, Cell::kGates, ndir, team_size(p[0].B, Cell::kGates * p[0].H, p[0].P), max_threads,
              backward_workspace(p[0], Cell::kGates), ws,
              [&](int d, const Schedule& sched, T* w, const Team& team) {
-               backward_team<Cell>(p[d], sched, gemm, w, team);
+               backward_team<Cell, Isa>(p[d], sched, w, team);
              });
   });
 }
 
+}  // namespace FASTRNN_CPU_ISA
 }  // namespace cpu
 }  // namespace fastrnn

@@ -1,0 +1,77 @@
+// Picks the CPU kernels from the CPU's feature flags (CPUID), never from its vendor.
+#include <atomic>
+
+#include "kernels.h"
+
+namespace fastrnn {
+namespace cpu {
+
+#define FASTRNN_DECLARE_TABLE(isa) \
+  inline namespace isa {           \
+  const Kernels& table();          \
+  }
+FASTRNN_DECLARE_TABLE(portable)
+#if defined(__x86_64__) || defined(__i386__)
+FASTRNN_DECLARE_TABLE(avx2)
+FASTRNN_DECLARE_TABLE(avx512)
+#endif
+#undef FASTRNN_DECLARE_TABLE
+
+namespace {
+
+struct Candidate {
+  const Kernels& (*table)();
+  bool (*supported)();
+};
+
+// Best first. __builtin_cpu_supports also checks that the OS saves the wide registers.
+const Candidate kCandidates[] = {
+#if defined(__x86_64__) || defined(__i386__)
+    {&avx512::table,
+     [] {
+       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+              __builtin_cpu_supports("fma");
+     }},
+    {&avx2::table, [] { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }},
+#endif
+    {&portable::table, [] { return true; }},
+};
+
+const Kernels* best() {
+  for (const Candidate& c : kCandidates)
+    if (c.supported()) return &c.table();
+  return &portable::table();
+}
+
+std::atomic<const Kernels*> current{nullptr};
+
+}  // namespace
+
+const Kernels& kernels() {
+  const Kernels* k = current.load(std::memory_order_acquire);
+  if (!k) {
+    k = best();
+    current.store(k, std::memory_order_release);
+  }
+  return *k;
+}
+
+std::vector<std::string> supported_kernels() {
+  std::vector<std::string> names;
+  for (const Candidate& c : kCandidates)
+    if (c.supported()) names.push_back(c.table().name);
+  return names;
+}
+
+bool set_kernels(const std::string& name) {
+  for (const Candidate& c : kCandidates)
+    if (c.supported() && name == c.table().name) {
+      current.store(&c.table(), std::memory_order_release);
+      return true;
+    }
+  return false;
+}
+
+}  // namespace cpu
+}  // namespace fastrnn

@@ -1,0 +1,244 @@
+// Register-tiled GEMM for the CPU kernels (torch-free), on the Vec type of simd.h.
+//
+// B is packed once into panels of W = NV vectors (NV * L columns): panel p holds columns
+// [p*W, p*W + W) of op(B) as [K][W], zero past N, so the tile streams it with unit stride.
+// A is not packed: the tile broadcasts A[r, k] from any row/column stride, which covers
+// both x [M, K] (row-major) and dgx^T (a transposed view) without a copy.
+// The tile keeps MR x NV accumulators in registers for the whole K loop.
+//
+// Determinism: every C element is one chain of FMAs over k = 0..K-1 in order, whatever
+// the tiling, the K blocking (a block continues the chain from C) or the thread split
+// (only rows and panels are split, never K). So any thread count gives the same bits.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+
+#include "simd.h"
+
+namespace fastrnn {
+namespace cpu {
+inline namespace FASTRNN_CPU_ISA {
+
+// Pads allocations so the packed panels start on a cache line.
+template <class T>
+struct Buffer {
+  std::unique_ptr<T[]> mem;
+  T* data = nullptr;
+  void resize(int64_t n) {
+    mem.reset(new T[n + 64 / sizeof(T)]);
+    const auto addr = reinterpret_cast<uintptr_t>(mem.get());
+    data = mem.get() + ((64 - addr % 64) % 64) / sizeof(T);
+  }
+};
+
+// Panels of op(B) [K, N]: element (k, n) of op(B) is b[k * bk + n * bn].
+template <class T>
+struct Panels {
+  const T* data = nullptr;  // [count][K][width]
+  int64_t K = 0, N = 0, width = 0;
+  int64_t count() const { return (N + width - 1) / width; }
+  const T* panel(int64_t p) const { return data + p * K * width; }
+};
+
+// Packs panels [p0, p1) of op(B) into out (laid out as a whole Panels of `width`).
+template <class T>
+void pack_panels(const T* b, int64_t bk, int64_t bn, int64_t K, int64_t N, int64_t width,
+                 int64_t p0, int64_t p1, T* out) {
+  for (int64_t p = p0; p < p1; ++p) {
+    T* dst = out + p * K * width;
+    const int64_t n0 = p * width, nw = std::min(width, N - n0);
+    for (int64_t k = 0; k < K; ++k, dst += width) {
+      const T* src = b + k * bk + n0 * bn;
+      if (bn == 1) {
+        std::copy(src, src + nw, dst);
+      } else {
+        for (int64_t j = 0; j < nw; ++j) dst[j] = src[j * bn];
+      }
+      std::fill(dst + nw, dst + width, T(0));
+    }
+  }
+}
+
+// acc[r][v] += sum_{k < K} A[r, k] * panel[k][v*L .. v*L + L), with A[r, k] at
+// a[r * ars + k * aks] and the panel [K][NV * L].
+template <int MR, int NV, class V, class T>
+FASTRNN_INLINE void tile_acc(int64_t K, const T* a, int64_t ars, int64_t aks, const T* panel,
+                             V (&acc)[MR][NV]) {
+  constexpr int L = V::kLanes, W = NV * L;
+  for (int64_t k = 0; k < K; ++k, panel += W, a += aks) {
+    V b[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) b[v] = V::load(panel + v * L);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const V ar(a[r * ars]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = ar * b[v] + acc[r][v];
+    }
+  }
+}
+
+// One MR x W block of C = A op(B) (+ C when accumulate), columns [0, n) of the panel
+// stored (n <= W), plus bias[0, n) when given.
+template <int MR, int NV, class V, class T>
+FASTRNN_INLINE void tile_store(int64_t K, const T* a, int64_t ars, int64_t aks, const T* panel,
+                               bool accumulate, const T* bias, T* c, int64_t ldc, int64_t n) {
+  constexpr int L = V::kLanes;
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const int64_t m = std::min<int64_t>(L, n - v * L);
+      acc[r][v] = !accumulate ? V(T(0))
+                  : m >= L   ? V::load(c + r * ldc + v * L)
+                  : m > 0    ? V::load(c + r * ldc + v * L, static_cast<int>(m))
+                             : V(T(0));
+    }
+  tile_acc<MR, NV>(K, a, ars, aks, panel, acc);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const int64_t m = std::min<int64_t>(L, n - v * L);
+      if (m <= 0) continue;
+      V out = acc[r][v];
+      if (bias) out += m >= L ? V::load(bias + v * L) : V::load(bias + v * L, static_cast<int>(m));
+      if (m >= L)
+        out.store(c + r * ldc + v * L);
+      else
+        out.store(c + r * ldc + v * L, static_cast<int>(m));
+    }
+}
+
+// Calls f(std::integral_constant<int, R>) for R == left, 0 < left <= MaxR: the last,
+// smaller tile of a loop over rows gets its own fully unrolled instantiation.
+template <int MaxR, class F>
+FASTRNN_INLINE void with_rows(int64_t left, F&& f) {
+  if constexpr (MaxR > 0) {
+    if (left == MaxR)
+      f(std::integral_constant<int, MaxR>{});
+    else
+      with_rows<MaxR - 1>(left, f);
+  }
+}
+
+// Rows [0, M) of one panel, in tiles of MR rows and then one smaller tile.
+template <int MR, int NV, class V, class T>
+FASTRNN_INLINE void rows_of_panel(int64_t M, int64_t K, const T* a, int64_t ars, int64_t aks,
+                                  const T* panel, bool accumulate, const T* bias, T* c,
+                                  int64_t ldc, int64_t n) {
+  int64_t r = 0;
+  for (; r + MR <= M; r += MR)
+    tile_store<MR, NV, V>(K, a + r * ars, ars, aks, panel, accumulate, bias, c + r * ldc, ldc, n);
+  with_rows<MR - 1>(M - r, [&](auto rows) {
+    tile_store<decltype(rows)::value, NV, V>(K, a + r * ars, ars, aks, panel, accumulate, bias,
+                                             c + r * ldc, ldc, n);
+  });
+}
+
+// GEMM tiling of one instruction set: MR rows x NV vectors of accumulators.
+//
+// Loop order (the broadcast side in L1, the vector side in L2): column blocks of kBlock
+// panels (their K block, kBlock x kKc x W values, stays in L2), K blocks of kKc, row
+// tiles of MR rows (the tile's A block, MR x kKc values, stays in L1), then the panels
+// of the column block, each streamed from L2 through the tile's accumulators.
+template <class T, int L, int MR, int NV>
+struct Gemm {
+  using V = Vec<T, L>;
+  static constexpr int kWidth = NV * L;  // panel width
+  static constexpr int64_t kKc = 256;
+  static constexpr int64_t kBlock =
+      std::max<int64_t>(1, (384 * 1024) / (kKc * kWidth * static_cast<int64_t>(sizeof(T))));
+
+  // C[m, 0:N) (+)= A[m, :] op(B) for rows [0, M) and the columns of panels [p0, p1);
+  // A[m, k] at a[m * ars + k * aks]; C row stride ldc.
+  static void run(const Panels<T>& B, int64_t p0, int64_t p1, int64_t M, const T* a,
+                  int64_t ars, int64_t aks, T beta, const T* bias, T* c, int64_t ldc) {
+    const int64_t K = B.K;
+    if (K == 0) {  // no products: C = beta C (+ bias)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = p0 * kWidth; j < std::min(B.N, p1 * kWidth); ++j)
+          c[m * ldc + j] = (beta != T(0) ? c[m * ldc + j] : T(0)) + (bias ? bias[j] : T(0));
+      return;
+    }
+    // A that is not row-major (a transposed view) is copied tile by tile into [kKc][MR]:
+    // its MR values of one k then share a cache line and a page.
+    const bool pack_a = aks != 1;
+    alignas(64) T a_tile[kKc * MR];
+    for (int64_t q0 = p0; q0 < p1; q0 += kBlock) {
+      const int64_t q1 = std::min(p1, q0 + kBlock);
+      for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+        const int64_t kc = std::min(kKc, K - k0);
+        const bool acc = k0 > 0 || beta != T(0), last = k0 + kc == K;
+        for (int64_t r0 = 0; r0 < M; r0 += MR) {
+          const int64_t rows = std::min<int64_t>(MR, M - r0);
+          const T* at = a + r0 * ars + k0 * aks;
+          int64_t trs = ars, tks = aks;
+          if (pack_a) {
+            for (int64_t k = 0; k < kc; ++k)
+              for (int64_t r = 0; r < rows; ++r) a_tile[k * MR + r] = at[r * ars + k * aks];
+            at = a_tile, trs = 1, tks = MR;
+          }
+          for (int64_t p = q0; p < q1; ++p) {
+            const int64_t n = std::min<int64_t>(kWidth, B.N - p * kWidth);
+            const T* panel = B.panel(p) + k0 * kWidth;
+            const T* bp = last && bias ? bias + p * kWidth : nullptr;
+            T* cp = c + r0 * ldc + p * kWidth;
+            if (rows == MR) {
+              tile_store<MR, NV, V>(kc, at, trs, tks, panel, acc, bp, cp, ldc, n);
+            } else {
+              with_rows<MR - 1>(rows, [&](auto r) {
+                tile_store<decltype(r)::value, NV, V>(kc, at, trs, tks, panel, acc, bp, cp, ldc,
+                                                      n);
+              });
+            }
+          }
+        }
+      }
+    }
+  }
+};
+
+// A large GEMM on `threads` OpenMP threads: C [M, N] = A op(B) (+ bias) (+ C if beta),
+// A[m, k] at a[m * ars + k * aks], op(B)[k, n] at b[k * bk + n * bn].
+// Threads split rows and column blocks, never K (see the top of this file).
+template <class G, class T>
+void parallel_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int64_t aks,
+                   const T* b, int64_t bk, int64_t bn, T beta, const T* bias, T* c, int64_t ldc,
+                   int threads) {
+  if (M == 0 || N == 0) return;
+  Buffer<T> packed;
+  Panels<T> B{nullptr, K, N, G::kWidth};
+  const int64_t panels = B.count();
+  packed.resize(std::max<int64_t>(1, panels * K * G::kWidth));
+  B.data = packed.data;
+  // Tasks: column blocks (outer, so a thread's consecutive tasks share one in L2) x row
+  // blocks of about 512 rows; each thread takes a contiguous range of them.
+  const int64_t nb = (panels + G::kBlock - 1) / G::kBlock, mb = std::max<int64_t>(1, (M + 511) / 512);
+  const int64_t tasks = mb * nb;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
+  const double work = static_cast<double>(M) * N * std::max<int64_t>(K, 1);
+#pragma omp parallel num_threads(nt) if (nt > 1 && work > (1 << 18))
+  {
+    const int tid = omp_get_thread_num(), n = omp_get_num_threads();
+    pack_panels(b, bk, bn, K, N, G::kWidth, panels * tid / n, panels * (tid + 1) / n,
+                const_cast<T*>(B.data));
+#pragma omp barrier
+    for (int64_t t = tasks * tid / n; t < tasks * (tid + 1) / n; ++t) {
+      const int64_t j = t / mb, i = t % mb;
+      const int64_t m0 = M * i / mb, m1 = M * (i + 1) / mb;
+      const int64_t q0 = j * G::kBlock, q1 = std::min(panels, q0 + G::kBlock);
+      G::run(B, q0, q1, m1 - m0, a + m0 * ars, ars, aks, beta, bias, c + m0 * ldc, ldc);
+    }
+  }
+}
+
+}  // namespace FASTRNN_CPU_ISA
+}  // namespace cpu
+}  // namespace fastrnn

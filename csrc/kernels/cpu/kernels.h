@@ -1,0 +1,68 @@
+// The CPU kernels of one instruction set, as a table of plain functions (torch-free).
+// Each kernels_<isa>.cpp compiles the same sources (recurrence.h, gemm.h) with its own
+// target flags; kernels() picks the best table this CPU supports from its feature flags
+// (CPUID), never from its vendor.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../cells.h"
+#include "../params.h"
+
+namespace fastrnn {
+namespace cpu {
+
+// C [M, N] = A op(B) (+ bias[N]) (+ C when beta == 1; beta is 0 or 1), row-major C with
+// row stride ldc. A[m, k] is a[m * ars + k * aks] and op(B)[k, n] is b[k * bk + n * bn],
+// so transposed operands need no copy. bias may be nullptr.
+template <class T>
+struct GemmArgs {
+  int64_t M = 0, N = 0, K = 0;
+  const T* a = nullptr;
+  int64_t ars = 0, aks = 0;
+  const T* b = nullptr;
+  int64_t bk = 0, bn = 0;
+  T beta = 0;
+  const T* bias = nullptr;
+  T* c = nullptr;
+  int64_t ldc = 0;
+};
+
+// Workspace elements of one direction of one layer, per thread (a thread plan may give
+// every thread its own share of the rows): the running state in schedule order.
+template <class T>
+inline int64_t forward_workspace(const ForwardParams<T>& p, int gates) {
+  return 2 * p.B * p.P + 3 * p.B * p.H + gates * p.H;  // h, c ping-pong; m; zero bias
+}
+template <class T>
+inline int64_t backward_workspace(const BackwardParams<T>& p, int gates) {
+  return p.B * p.P + 2 * p.B * p.H + 2 * p.B * gates * p.H;  // dh, dc, dm; dgates ping-pong
+}
+
+struct Kernels {
+  const char* name;  // "avx512", "avx2" or "portable"
+  // The time loop of one layer: p[d], ws[d] for each direction d < ndir (recurrence.h).
+  void (*forward_f32)(CellKind, const ForwardParams<float>*, int ndir, float* const* ws,
+                      int threads);
+  void (*forward_f64)(CellKind, const ForwardParams<double>*, int ndir, double* const* ws,
+                      int threads);
+  void (*backward_f32)(CellKind, const BackwardParams<float>*, int ndir, float* const* ws,
+                       int threads);
+  void (*backward_f64)(CellKind, const BackwardParams<double>*, int ndir, double* const* ws,
+                       int threads);
+  // A large GEMM over `threads` threads; the same bits for any thread count.
+  void (*gemm_f32)(const GemmArgs<float>&, int threads);
+  void (*gemm_f64)(const GemmArgs<double>&, int threads);
+};
+
+// The table in use: the best this CPU supports, unless set_kernels chose another.
+const Kernels& kernels();
+// Names of the tables this build has and this CPU can run, best first.
+std::vector<std::string> supported_kernels();
+// Use the named table from now on (testing and benchmarking); false if unsupported.
+bool set_kernels(const std::string& name);
+
+}  // namespace cpu
+}  // namespace fastrnn

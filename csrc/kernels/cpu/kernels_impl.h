@@ -1,0 +1,43 @@
+// The body of every kernels_<isa>.cpp: the table of one instruction set. Before including
+// it, the file defines FASTRNN_CPU_ISA (its namespace) and kIsa (its tiling, recurrence.h).
+#pragma once
+
+#include "kernels.h"
+#include "recurrence.h"
+
+namespace fastrnn {
+namespace cpu {
+inline namespace FASTRNN_CPU_ISA {
+
+template <class T>
+void run_forward(CellKind kind, const ForwardParams<T>* p, int ndir, T* const* ws, int threads) {
+  forward<kIsa>(kind, p, ndir, ws, threads);
+}
+
+template <class T>
+void run_backward(CellKind kind, const BackwardParams<T>* p, int ndir, T* const* ws,
+                  int threads) {
+  backward<kIsa>(kind, p, ndir, ws, threads);
+}
+
+template <class T>
+void run_gemm(const GemmArgs<T>& g, int threads) {
+  parallel_gemm<typename kIsa::template Gemm<T>>(g.M, g.N, g.K, g.a, g.ars, g.aks, g.b, g.bk,
+                                                 g.bn, g.beta, g.bias, g.c, g.ldc, threads);
+}
+
+#define FASTRNN_STR2(x) #x
+#define FASTRNN_STR(x) FASTRNN_STR2(x)
+const Kernels& table() {
+  static const Kernels k{FASTRNN_STR(FASTRNN_CPU_ISA),
+                         &run_forward<float>,  &run_forward<double>,
+                         &run_backward<float>, &run_backward<double>,
+                         &run_gemm<float>,     &run_gemm<double>};
+  return k;
+}
+#undef FASTRNN_STR
+#undef FASTRNN_STR2
+
+}  // namespace FASTRNN_CPU_ISA
+}  // namespace cpu
+}  // namespace fastrnn

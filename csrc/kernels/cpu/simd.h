@@ -1,0 +1,169 @@
+// A small SIMD vector type for the CPU kernels, on GCC/Clang vector extensions, so one
+// source serves every instruction set: each kernels_<isa>.cpp is compiled with its own
+// target flags and picks the lane count (isa.h), and the compiler emits that ISA's
+// instructions (zmm with AVX-512, ymm with AVX2, NEON/SSE for the portable build).
+//
+// Vec<T, N> behaves like a scalar T in arithmetic, so the cell math of cells.h, written
+// once for scalars, runs on N units at a time when instantiated with T = Vec<float, N>.
+// Torch-free.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#define FASTRNN_INLINE inline __attribute__((always_inline))
+
+// Each instruction set's translation unit defines its own name (kernels_<isa>.cpp); all the
+// CPU kernel code lives in that inline namespace, so the copies compiled for different
+// instruction sets never share a symbol.
+#ifndef FASTRNN_CPU_ISA
+#define FASTRNN_CPU_ISA portable
+#endif
+
+namespace fastrnn {
+namespace cpu {
+inline namespace FASTRNN_CPU_ISA {
+
+// The raw vector of Bytes bytes of T (GCC takes vector_size only on a concrete type).
+template <class T, int Bytes> struct RawVec;
+#define FASTRNN_RAW_VEC(T, Bytes) \
+  template <> struct RawVec<T, Bytes> { typedef T type __attribute__((vector_size(Bytes))); };
+FASTRNN_RAW_VEC(float, 16) FASTRNN_RAW_VEC(float, 32) FASTRNN_RAW_VEC(float, 64)
+FASTRNN_RAW_VEC(double, 16) FASTRNN_RAW_VEC(double, 32) FASTRNN_RAW_VEC(double, 64)
+FASTRNN_RAW_VEC(int32_t, 16) FASTRNN_RAW_VEC(int32_t, 32) FASTRNN_RAW_VEC(int32_t, 64)
+FASTRNN_RAW_VEC(int64_t, 16) FASTRNN_RAW_VEC(int64_t, 32) FASTRNN_RAW_VEC(int64_t, 64)
+#undef FASTRNN_RAW_VEC
+
+template <class T, int N>
+struct Vec {
+  static constexpr int kLanes = N;
+  using Raw = typename RawVec<T, sizeof(T) * N>::type;
+  using Int = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  using RawInt = typename RawVec<Int, sizeof(T) * N>::type;
+  Raw v;
+
+  FASTRNN_INLINE Vec() = default;
+  // Broadcast; implicit, as for a scalar. (Lane by lane: the compiler emits one broadcast,
+  // where `Raw{} + s` would add a real +0.0 on the FMA ports.)
+  FASTRNN_INLINE Vec(T s) {
+    for (int i = 0; i < N; ++i) v[i] = s;
+  }
+  FASTRNN_INLINE static Vec of(Raw r) {
+    Vec out;
+    out.v = r;
+    return out;
+  }
+
+  FASTRNN_INLINE static Vec load(const T* p) {
+    Raw r;
+    std::memcpy(&r, p, sizeof(r));
+    return of(r);
+  }
+  // The first n (< N) lanes from p, the rest zero; never reads past p[n-1].
+  FASTRNN_INLINE static Vec load(const T* p, int n) {
+    Vec r(T(0));
+    for (int i = 0; i < n && i < N; ++i) r.v[i] = p[i];
+    return r;
+  }
+  FASTRNN_INLINE void store(T* p) const { std::memcpy(p, &v, sizeof(v)); }
+  FASTRNN_INLINE void store(T* p, int n) const {
+    for (int i = 0; i < n && i < N; ++i) p[i] = v[i];
+  }
+
+  FASTRNN_INLINE friend Vec operator+(Vec a, Vec b) { return of(a.v + b.v); }
+  FASTRNN_INLINE friend Vec operator-(Vec a, Vec b) { return of(a.v - b.v); }
+  FASTRNN_INLINE friend Vec operator*(Vec a, Vec b) { return of(a.v * b.v); }
+  FASTRNN_INLINE friend Vec operator/(Vec a, Vec b) { return of(a.v / b.v); }
+  FASTRNN_INLINE friend Vec operator-(Vec a) { return of(-a.v); }
+  FASTRNN_INLINE Vec& operator+=(Vec b) { v += b.v; return *this; }
+};
+
+// a > b ? x : y, lane by lane.
+template <class T, int N>
+FASTRNN_INLINE Vec<T, N> select_gt(Vec<T, N> a, Vec<T, N> b, Vec<T, N> x, Vec<T, N> y) {
+  return Vec<T, N>::of(a.v > b.v ? x.v : y.v);
+}
+
+template <class T, int N>
+FASTRNN_INLINE Vec<T, N> vmin(Vec<T, N> a, Vec<T, N> b) { return select_gt(a, b, b, a); }
+template <class T, int N>
+FASTRNN_INLINE Vec<T, N> vmax(Vec<T, N> a, Vec<T, N> b) { return select_gt(a, b, a, b); }
+
+// Bit-level helpers for float lanes.
+template <int N>
+FASTRNN_INLINE Vec<float, N> abs_bits(Vec<float, N> x) {
+  using V = Vec<float, N>;
+  return V::of((typename V::Raw)((typename V::RawInt)x.v & 0x7fffffff));
+}
+template <int N>
+FASTRNN_INLINE Vec<float, N> copysign_bits(Vec<float, N> mag, Vec<float, N> sign) {
+  using V = Vec<float, N>;
+  using I = typename V::RawInt;
+  return V::of((typename V::Raw)(((I)mag.v & 0x7fffffff) | ((I)sign.v & (int32_t)0x80000000)));
+}
+
+// exp and tanh on float lanes: the same algorithms as cells.h's scalar exp_poly and
+// tanh_poly (Cody-Waite reduction, degree-5 polynomial; odd polynomial below 0.625).
+template <int N>
+FASTRNN_INLINE Vec<float, N> exp(Vec<float, N> x) {
+  using V = Vec<float, N>;
+  x = vmax(vmin(x, V(88.0f)), V(-87.0f));
+  const V n = (x * V(1.44269504088896341f) + V(12582912.0f)) - V(12582912.0f);
+  const V r = (x - n * V(0.693359375f)) + n * V(2.12194440e-4f);
+  V p(1.9875691500e-4f);
+  p = p * r + V(1.3981999507e-3f);
+  p = p * r + V(8.3334519073e-3f);
+  p = p * r + V(4.1665795894e-2f);
+  p = p * r + V(1.6666665459e-1f);
+  p = p * r + V(5.0000001201e-1f);
+  const V e = (p * r) * r + r + V(1.0f);
+  const auto bits = (__builtin_convertvector(n.v, typename V::RawInt) + 127) << 23;
+  return e * V::of((typename V::Raw)bits);
+}
+
+template <int N>
+FASTRNN_INLINE Vec<float, N> tanh(Vec<float, N> x) {
+  using V = Vec<float, N>;
+  const V a = abs_bits(x);
+  const V z = x * x;
+  V p(-5.70498872745e-3f);
+  p = p * z + V(2.06390887954e-2f);
+  p = p * z - V(5.37397155531e-2f);
+  p = p * z + V(1.33314422036e-1f);
+  p = p * z - V(3.33332819422e-1f);
+  const V small = x + x * z * p;
+  const V big = V(1.0f) - V(2.0f) / (exp(V(2.0f) * a) + V(1.0f));
+  return select_gt(V(0.625f), a, small, copysign_bits(big, x));
+}
+
+// Double lanes use the C library, lane by lane: the same values as the scalar path.
+template <int N>
+FASTRNN_INLINE Vec<double, N> exp(Vec<double, N> x) {
+  for (int i = 0; i < N; ++i) x.v[i] = std::exp(x.v[i]);
+  return x;
+}
+template <int N>
+FASTRNN_INLINE Vec<double, N> tanh(Vec<double, N> x) {
+  for (int i = 0; i < N; ++i) x.v[i] = std::tanh(x.v[i]);
+  return x;
+}
+
+// The activations cells.h calls, for vectors (more specialised than its scalar templates).
+template <class T, int N>
+FASTRNN_INLINE Vec<T, N> sigmoid(Vec<T, N> x) {
+  return Vec<T, N>(T(1)) / (Vec<T, N>(T(1)) + exp(-x));
+}
+template <class T, int N>
+FASTRNN_INLINE Vec<T, N> tanh_act(Vec<T, N> x) { return tanh(x); }
+template <class T, int N>
+FASTRNN_INLINE Vec<T, N> relu(Vec<T, N> x) { return vmax(x, Vec<T, N>(T(0))); }
+template <class T, int N>
+FASTRNN_INLINE Vec<T, N> relu_grad(Vec<T, N> h, Vec<T, N> dh) {
+  return select_gt(h, Vec<T, N>(T(0)), dh, Vec<T, N>(T(0)));
+}
+
+}  // namespace FASTRNN_CPU_ISA
+}  // namespace cpu
+}  // namespace fastrnn

@@ -1,0 +1,113 @@
+"""The CPU kernels of every instruction set this machine runs (AVX-512, AVX2, portable):
+the same parity with the per-step reference, and fastrnn's own GEMM against torch.mm.
+
+The best instruction set is picked from the CPU's feature flags; these tests switch to
+each supported one in turn (fastrnn.ops._C.set_cpu_kernels) so that a machine with
+AVX-512 also checks the AVX2 and portable paths.
+"""
+import pytest
+import torch
+
+from fastrnn import ops
+
+from test_functional import CELLS, call, grads, lengths_for, make_inputs
+from fastrnn import functional as F
+from fastrnn import reference as R
+
+ISAS = ops._C.supported_cpu_kernels()
+TOL64 = dict(atol=1e-10, rtol=0)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    best = ops._C.cpu_kernels()
+    assert ops._C.set_cpu_kernels(request.param)
+    yield request.param
+    ops._C.set_cpu_kernels(best)
+
+
+def test_best_instruction_set_is_the_default():
+    assert ISAS and ISAS[-1] == "portable"
+    assert ops._C.cpu_kernels() == ISAS[0]
+    assert not ops._C.set_cpu_kernels("no-such-isa")
+    assert ops._C.cpu_kernels() == ISAS[0]
+
+
+# Sizes that hit every tile edge: units not a multiple of the vector width, rows not a
+# multiple of the tile height, one row, several K blocks (H > 256), both thread plans.
+SIZES = [(3, 1, 5, 7), (4, 5, 9, 37), (6, 13, 16, 48), (5, 3, 300, 270), (4, 33, 20, 64)]
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("cell", CELLS + ["lstm_proj"])
+def test_matches_reference(isa, cell, size):
+    proj = 5 if cell == "lstm_proj" else 0
+    cell = cell.replace("_proj", "")
+    T, B = size[0], size[1]
+    for lengths, reverse in [("none", False), ("mixed", True)]:
+        inp = make_inputs(cell, *size, proj=proj)
+        lens = lengths_for(lengths, T, B)
+        out = call(F, cell, inp, lens, reverse)
+        ref = call(R, cell, inp, lens, reverse)
+        for a, e in zip(out, ref):
+            if e is not None:
+                torch.testing.assert_close(a, e, **TOL64)
+        ga, ge = grads(out, inp), grads(ref, inp)
+        for k in ga:
+            torch.testing.assert_close(ga[k], ge[k], **TOL64, msg=lambda m: f"d{k}: {m}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_float32_matches_reference(isa, cell):
+    inp = make_inputs(cell, 7, 10, 24, 40, dtype=torch.float32)
+    out = call(F, cell, inp)
+    ref = call(R, cell, {k: None if v is None else v.double() for k, v in inp.items()})
+    for a, e in zip(out, ref):
+        if e is not None:
+            torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 5, 3), (13, 300, 50), (64, 33, 97),
+                                   (600, 70, 130), (3, 0, 4)])
+@pytest.mark.parametrize("layout", ["nn", "tn", "nt", "tt"])
+def test_mm_matches_torch(isa, dtype, M, K, N, layout):
+    g = torch.Generator().manual_seed(M * 1000 + K * 10 + N)
+    a = torch.randn(M, K, generator=g, dtype=dtype)
+    b = torch.randn(K, N, generator=g, dtype=dtype)
+    if layout[0] == "t":  # a transposed view: A[m, k] with unit stride along m
+        a = a.t().contiguous().t()
+    if layout[1] == "t":
+        b = b.t().contiguous().t()
+    out = torch.ops.fastrnn.mm(a, b)
+    assert out.shape == (M, N) and out.is_contiguous()
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out, a @ b, **tol)
+
+
+def test_mm_is_bitwise_stable_across_threads_and_instruction_sets_agree():
+    a, b = torch.randn(300, 700), torch.randn(700, 90)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.fastrnn.mm(a, b)
+        torch.set_num_threads(2)
+        two = torch.ops.fastrnn.mm(a, b)
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(one, two)
+
+
+def test_mm_errors():
+    with pytest.raises(RuntimeError, match="expected 2-D"):
+        torch.ops.fastrnn.mm(torch.randn(2, 3, 4), torch.randn(4, 2))
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        torch.ops.fastrnn.mm(torch.randn(2, 3), torch.randn(4, 2))
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        torch.ops.fastrnn.mm(torch.randn(2, 3), torch.randn(3, 2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        torch.ops.fastrnn.mm(torch.randn(2, 3).half(), torch.randn(3, 2).half())
+
+
+def test_opcheck_mm():
+    torch.library.opcheck(torch.ops.fastrnn.mm.default, (torch.randn(5, 4), torch.randn(4, 3)))
