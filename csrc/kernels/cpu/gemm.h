@@ -71,6 +71,9 @@ FASTRNN_INLINE void tile_acc(int64_t K, const T* a, int64_t ars, int64_t aks, co
                              V (&acc)[MR][NV]) {
   constexpr int L = V::kLanes, W = NV * L;
   for (int64_t k = 0; k < K; ++k, panel += W, a += aks) {
+    // The panel streams from L2: ask for its lines a few k ahead.
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) __builtin_prefetch(panel + 8 * W + v * L);
     V b[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) b[v] = V::load(panel + v * L);
@@ -144,17 +147,17 @@ FASTRNN_INLINE void rows_of_panel(int64_t M, int64_t K, const T* a, int64_t ars,
 
 // GEMM tiling of one instruction set: MR rows x NV vectors of accumulators.
 //
-// Loop order (the broadcast side in L1, the vector side in L2): column blocks of kBlock
-// panels (their K block, kBlock x kKc x W values, stays in L2), K blocks of kKc, row
-// tiles of MR rows (the tile's A block, MR x kKc values, stays in L1), then the panels
-// of the column block, each streamed from L2 through the tile's accumulators.
+// Loop order (the broadcast side in L1, the vector side in L2): K blocks of kKc, column
+// blocks of about kBlock panels (their K block, kBlock x kKc x W values, stays in L2), row
+// tiles of MR rows (the tile's A block, MR x kKc values, stays in L1), then the panels of
+// the column block, each streamed from L2 through the tile's accumulators.
 template <class T, int L, int MR, int NV>
 struct Gemm {
   using V = Vec<T, L>;
   static constexpr int kWidth = NV * L;  // panel width
-  static constexpr int64_t kKc = 256;
+  static constexpr int64_t kKc = 384;
   static constexpr int64_t kBlock =
-      std::max<int64_t>(1, (384 * 1024) / (kKc * kWidth * static_cast<int64_t>(sizeof(T))));
+      std::max<int64_t>(1, (512 * 1024) / (kKc * kWidth * static_cast<int64_t>(sizeof(T))));
 
   // C[m, 0:N) (+)= A[m, :] op(B) for rows [0, M) and the columns of panels [p0, p1);
   // A[m, k] at a[m * ars + k * aks]; C row stride ldc.
@@ -167,24 +170,29 @@ struct Gemm {
           c[m * ldc + j] = (beta != T(0) ? c[m * ldc + j] : T(0)) + (bias ? bias[j] : T(0));
       return;
     }
-    // A that is not row-major (a transposed view) is copied tile by tile into [kKc][MR]:
-    // its MR values of one k then share a cache line and a page.
+    // A that is not row-major (a transposed view) is copied, one K block at a time, into
+    // tiles [M / MR][kKc][MR], reading it along its unit stride: a tile's MR values of one
+    // k then share a cache line, and its K block is contiguous.
     const bool pack_a = aks != 1;
-    alignas(64) T a_tile[kKc * MR];
-    for (int64_t q0 = p0; q0 < p1; q0 += kBlock) {
-      const int64_t q1 = std::min(p1, q0 + kBlock);
-      for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-        const int64_t kc = std::min(kKc, K - k0);
-        const bool acc = k0 > 0 || beta != T(0), last = k0 + kc == K;
+    Buffer<T> a_packed;
+    if (pack_a) a_packed.resize(((M + MR - 1) / MR) * MR * std::min(kKc, K));
+    const int64_t nblocks = std::max<int64_t>(1, (p1 - p0 + kBlock - 1) / kBlock);
+    for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+      const int64_t kc = std::min(kKc, K - k0);
+      const bool acc = k0 > 0 || beta != T(0), last = k0 + kc == K;
+      if (pack_a)
+        for (int64_t k = 0; k < kc; ++k)
+          for (int64_t r0 = 0; r0 < M; r0 += MR) {
+            T* dst = a_packed.data + r0 * kc + k * MR;
+            const T* src = a + r0 * ars + (k0 + k) * aks;
+            for (int64_t r = 0; r < std::min<int64_t>(MR, M - r0); ++r) dst[r] = src[r * ars];
+          }
+      for (int64_t j = 0; j < nblocks; ++j) {
+        const int64_t q0 = p0 + (p1 - p0) * j / nblocks, q1 = p0 + (p1 - p0) * (j + 1) / nblocks;
         for (int64_t r0 = 0; r0 < M; r0 += MR) {
           const int64_t rows = std::min<int64_t>(MR, M - r0);
-          const T* at = a + r0 * ars + k0 * aks;
-          int64_t trs = ars, tks = aks;
-          if (pack_a) {
-            for (int64_t k = 0; k < kc; ++k)
-              for (int64_t r = 0; r < rows; ++r) a_tile[k * MR + r] = at[r * ars + k * aks];
-            at = a_tile, trs = 1, tks = MR;
-          }
+          const T* at = pack_a ? a_packed.data + r0 * kc : a + r0 * ars + k0 * aks;
+          const int64_t trs = pack_a ? 1 : ars, tks = pack_a ? MR : aks;
           for (int64_t p = q0; p < q1; ++p) {
             const int64_t n = std::min<int64_t>(kWidth, B.N - p * kWidth);
             const T* panel = B.panel(p) + k0 * kWidth;
@@ -207,7 +215,8 @@ struct Gemm {
 
 // A large GEMM on `threads` OpenMP threads: C [M, N] = A op(B) (+ bias) (+ C if beta),
 // A[m, k] at a[m * ars + k * aks], op(B)[k, n] at b[k * bk + n * bn].
-// Threads split rows and column blocks, never K (see the top of this file).
+// Threads take row blocks (each with every column) when there are rows enough, else
+// column blocks; never a share of K (see the top of this file).
 template <class G, class T>
 void parallel_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int64_t aks,
                    const T* b, int64_t bk, int64_t bn, T beta, const T* bias, T* c, int64_t ldc,
@@ -218,10 +227,9 @@ void parallel_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int
   const int64_t panels = B.count();
   packed.resize(std::max<int64_t>(1, panels * K * G::kWidth));
   B.data = packed.data;
-  // Tasks: column blocks (outer, so a thread's consecutive tasks share one in L2) x row
-  // blocks of about 512 rows; each thread takes a contiguous range of them.
-  const int64_t nb = (panels + G::kBlock - 1) / G::kBlock, mb = std::max<int64_t>(1, (M + 511) / 512);
-  const int64_t tasks = mb * nb;
+  const bool by_rows = M >= 64 * threads;
+  const int64_t tasks = by_rows ? std::max<int64_t>(threads, (M + 511) / 512)
+                                : std::max<int64_t>(1, std::min<int64_t>(threads, panels));
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
   const double work = static_cast<double>(M) * N * std::max<int64_t>(K, 1);
 #pragma omp parallel num_threads(nt) if (nt > 1 && work > (1 << 18))
@@ -231,10 +239,12 @@ void parallel_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int
                 const_cast<T*>(B.data));
 #pragma omp barrier
     for (int64_t t = tasks * tid / n; t < tasks * (tid + 1) / n; ++t) {
-      const int64_t j = t / mb, i = t % mb;
-      const int64_t m0 = M * i / mb, m1 = M * (i + 1) / mb;
-      const int64_t q0 = j * G::kBlock, q1 = std::min(panels, q0 + G::kBlock);
-      G::run(B, q0, q1, m1 - m0, a + m0 * ars, ars, aks, beta, bias, c + m0 * ldc, ldc);
+      if (by_rows) {
+        const int64_t m0 = M * t / tasks, m1 = M * (t + 1) / tasks;
+        G::run(B, 0, panels, m1 - m0, a + m0 * ars, ars, aks, beta, bias, c + m0 * ldc, ldc);
+      } else {
+        G::run(B, panels * t / tasks, panels * (t + 1) / tasks, M, a, ars, aks, beta, bias, c, ldc);
+      }
     }
   }
 }
