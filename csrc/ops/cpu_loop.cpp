@@ -17,12 +17,14 @@ struct Table<float> {
   static auto forward(const cpu::Kernels& k) { return k.forward_f32; }
   static auto backward(const cpu::Kernels& k) { return k.backward_f32; }
   static auto gemm(const cpu::Kernels& k) { return k.gemm_f32; }
+  static auto column_sum(const cpu::Kernels& k) { return k.column_sum_f32; }
 };
 template <>
 struct Table<double> {
   static auto forward(const cpu::Kernels& k) { return k.forward_f64; }
   static auto backward(const cpu::Kernels& k) { return k.backward_f64; }
   static auto gemm(const cpu::Kernels& k) { return k.gemm_f64; }
+  static auto column_sum(const cpu::Kernels& k) { return k.column_sum_f64; }
 };
 
 }  // namespace
@@ -74,6 +76,16 @@ void cpu_matmul_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
     g.c = out.mutable_data_ptr<scalar_t>();
     g.ldc = out.stride(0);
     Table<scalar_t>::gemm(cpu::kernels())(g, at::get_num_threads());
+  });
+}
+
+void cpu_column_sum_out(at::Tensor& out, const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.dim() == 2 && out.dim() == 1 && out.size(0) == t.size(1) &&
+                        out.is_contiguous());
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fastrnn_cpu_column_sum", [&] {
+    Table<scalar_t>::column_sum(cpu::kernels())(
+        t.const_data_ptr<scalar_t>(), t.size(0), t.size(1), t.stride(0), t.stride(1),
+        out.mutable_data_ptr<scalar_t>(), at::get_num_threads());
   });
 }
 

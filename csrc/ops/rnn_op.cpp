@@ -22,22 +22,41 @@ at::Tensor valid_rows(const c10::optional<at::Tensor>& lengths, int64_t T, int64
   return rows.size(0) * 10 < T * B * 9 ? rows : at::Tensor();
 }
 
-// a [M, K] @ b [K, N] (+ bias [N]) as a new [M, N] tensor: on the CPU fastrnn's own GEMM
-// (any strides, so transposed views cost no copy; the same bits for any thread count and
-// the same speed on any vendor's CPU), on CUDA ATen's (cuBLAS).
-at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
-  if (a.is_cuda()) return bias.defined() ? at::addmm(bias, a, b) : at::mm(a, b);
-  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+// Scratch tensors for the large temporaries of one call (gx, dgx, dgh), reused per calling
+// thread on the CPU: a fresh tensor over glibc's mmap threshold (32 MB) comes back as new
+// pages that the OS zero-fills on first touch, every call (about 10 ms per 50 MB here).
+// Never returned to the caller. On CUDA, torch's caching allocator already reuses memory.
+enum Scratch { kGx, kDgx, kDgh, kScratchSlots };
+at::Tensor scratch(Scratch slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
+  if (opts.device().is_cuda()) return at::empty(shape, opts);
+  thread_local at::Tensor cache[kScratchSlots];
+  at::Tensor& t = cache[slot];
+  const int64_t n = c10::multiply_integers(shape);
+  if (!t.defined() || t.dtype() != opts.dtype() || t.numel() < n) t = at::empty({n}, opts);
+  return t.narrow(0, 0, n).view(shape);
+}
+
+// a [M, K] @ b [K, N] (+ bias [N]) into out [M, N] (a new tensor when undefined): on the
+// CPU fastrnn's own GEMM (any strides, so transposed views cost no copy; the same bits for
+// any thread count and the same speed on any vendor's CPU), on CUDA ATen's (cuBLAS).
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {},
+                at::Tensor out = {}) {
+  if (a.is_cuda()) {
+    at::Tensor r = bias.defined() ? at::addmm(bias, a, b) : at::mm(a, b);
+    return out.defined() ? out.copy_(r) : r;
+  }
+  if (!out.defined()) out = at::empty({a.size(0), b.size(1)}, a.options());
   cpu_matmul_out(out, a, b, bias.defined() ? bias.contiguous() : bias, false);
   return out;
 }
 
-// Column sums of t [N, C] (the bias gradients), as ones [1, N] @ t on the CPU so the
-// summation order is fixed whatever the thread count.
+// Column sums of t [N, C] (the bias gradients), rows summed in order on the CPU so the
+// result is the same whatever the thread count.
 at::Tensor column_sum(const at::Tensor& t) {
   if (t.is_cuda()) return t.sum(0);
-  const at::Tensor ones = at::ones({1, 1}, t.options()).expand({1, t.size(0)});
-  return gemm(ones, t).view({t.size(1)});
+  at::Tensor out = at::empty({t.size(1)}, t.options());
+  cpu_column_sum_out(out, t);
+  return out;
 }
 
 // The rows of `t` (dim 0 of a [T*B, n] view, or dim 1 of [D, T*B, n]) that are valid.
@@ -83,9 +102,12 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
   const at::Tensor w_ih2 = w_ih.reshape({s.D * s.G * s.H, s.I});
   const at::Tensor rows = valid_rows(lengths, s.T, s.B);
   const at::Tensor xv = take(x2, rows, 0);
-  const at::Tensor gx = gemm(xv, w_ih2.t(), opt(b_ih) ? b_ih->reshape({-1}) : at::Tensor());
-  a.gx = rows.defined() ? at::empty({s.T * s.B, gx.size(1)}, x.options()).index_copy_(0, rows, gx)
-                        : gx;
+  const at::Tensor bias = opt(b_ih) ? b_ih->reshape({-1}) : at::Tensor();
+  a.gx = scratch(kGx, {s.T * s.B, w_ih2.size(0)}, x.options());
+  if (rows.defined())
+    a.gx.index_copy_(0, rows, gemm(xv, w_ih2.t(), bias));
+  else
+    gemm(xv, w_ih2.t(), bias, a.gx);
   a.w_hh = w_hh.contiguous();
   a.b_hh = contig(b_hh);
   a.w_hr = contig(w_hr);
@@ -139,8 +161,8 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
   };
   a.dh0 = state_grad(a.dh_n, s.P);
   a.dc0 = lstm ? state_grad(a.dc_n, s.H) : empty0(x);
-  a.dgx = at::empty({s.T, s.B, DGH}, x.options());  // directions side by side, like gx
-  a.dgh = s.kind == CellKind::GRU ? at::empty({s.T, s.B, DGH}, x.options()) : a.dgx;
+  a.dgx = scratch(kDgx, {s.T, s.B, DGH}, x.options());  // directions side by side, like gx
+  a.dgh = s.kind == CellKind::GRU ? scratch(kDgh, {s.T, s.B, DGH}, x.options()) : a.dgx;
   a.dhtot = s.proj ? at::empty({s.D, s.T, s.B, s.P}, x.options()) : empty0(x);
   if (TB > 0) {
     a.w_hh = w_hh.contiguous();

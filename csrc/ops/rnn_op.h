@@ -105,6 +105,8 @@ void cpu_forward_loop(const LoopTensors& a);
 // [N], contiguous, or undefined) (+ out when accumulate); a and b may have any strides.
 void cpu_matmul_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                     const at::Tensor& bias, bool accumulate);
+// out [C] = column sums of t [N, C] (any strides), each summed in row order.
+void cpu_column_sum_out(at::Tensor& out, const at::Tensor& t);
 void cpu_backward_loop(const LoopTensors& a);
 void cuda_forward_loop(const LoopTensors& a);
 void cuda_backward_loop(const LoopTensors& a);

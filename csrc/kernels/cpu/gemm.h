@@ -29,10 +29,15 @@ template <class T>
 struct Buffer {
   std::unique_ptr<T[]> mem;
   T* data = nullptr;
+  int64_t capacity = 0;
   void resize(int64_t n) {
     mem.reset(new T[n + 64 / sizeof(T)]);
     const auto addr = reinterpret_cast<uintptr_t>(mem.get());
     data = mem.get() + ((64 - addr % 64) % 64) / sizeof(T);
+    capacity = n;
+  }
+  void reserve(int64_t n) {  // keeps the memory when it is large enough
+    if (n > capacity) resize(n);
   }
 };
 
@@ -46,20 +51,25 @@ struct Panels {
 };
 
 // Packs panels [p0, p1) of op(B) into out (laid out as a whole Panels of `width`).
+// Blocks of 16 k keep both the reads and the writes of a transposed B within a few
+// cache lines.
 template <class T>
 void pack_panels(const T* b, int64_t bk, int64_t bn, int64_t K, int64_t N, int64_t width,
                  int64_t p0, int64_t p1, T* out) {
   for (int64_t p = p0; p < p1; ++p) {
     T* dst = out + p * K * width;
     const int64_t n0 = p * width, nw = std::min(width, N - n0);
-    for (int64_t k = 0; k < K; ++k, dst += width) {
-      const T* src = b + k * bk + n0 * bn;
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+      const int64_t kb = std::min<int64_t>(16, K - k0);
       if (bn == 1) {
-        std::copy(src, src + nw, dst);
+        for (int64_t k = k0; k < k0 + kb; ++k) std::copy_n(b + k * bk + n0, nw, dst + k * width);
       } else {
-        for (int64_t j = 0; j < nw; ++j) dst[j] = src[j * bn];
+        for (int64_t j = 0; j < nw; ++j) {
+          const T* src = b + (n0 + j) * bn + k0 * bk;
+          for (int64_t k = 0; k < kb; ++k) dst[(k0 + k) * width + j] = src[k * bk];
+        }
       }
-      std::fill(dst + nw, dst + width, T(0));
+      for (int64_t k = k0; k < k0 + kb; ++k) std::fill(dst + k * width + nw, dst + (k + 1) * width, T(0));
     }
   }
 }
@@ -222,10 +232,12 @@ void parallel_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int
                    const T* b, int64_t bk, int64_t bn, T beta, const T* bias, T* c, int64_t ldc,
                    int threads) {
   if (M == 0 || N == 0) return;
-  Buffer<T> packed;
+  // The panels of B, kept per calling thread: buffers this large would come back as fresh,
+  // OS-zeroed pages on every call.
+  thread_local Buffer<T> packed;
   Panels<T> B{nullptr, K, N, G::kWidth};
   const int64_t panels = B.count();
-  packed.resize(std::max<int64_t>(1, panels * K * G::kWidth));
+  packed.reserve(std::max<int64_t>(1, panels * K * G::kWidth));
   B.data = packed.data;
   const bool by_rows = M >= 64 * threads;
   const int64_t tasks = by_rows ? std::max<int64_t>(threads, (M + 511) / 512)
@@ -244,6 +256,32 @@ void parallel_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int
         G::run(B, 0, panels, m1 - m0, a + m0 * ars, ars, aks, beta, bias, c + m0 * ldc, ldc);
       } else {
         G::run(B, panels * t / tasks, panels * (t + 1) / tasks, M, a, ars, aks, beta, bias, c, ldc);
+      }
+    }
+  }
+}
+
+// out[c] = sum of t[r * rs + c * cs] over rows r = 0..R-1 in order (the bias gradients):
+// threads split the columns, so any thread count gives the same bits.
+template <class V, class T>
+void column_sum(const T* t, int64_t R, int64_t C, int64_t rs, int64_t cs, T* out, int threads) {
+  constexpr int L = V::kLanes;
+  constexpr int64_t kChunk = 4 * L;  // columns per task: four vector accumulators
+  const int64_t chunks = (C + kChunk - 1) / kChunk;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, chunks)));
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && R * C > (1 << 16))
+  for (int64_t q = 0; q < chunks; ++q) {
+    const int64_t c0 = q * kChunk, n = std::min(kChunk, C - c0);
+    if (cs == 1 && n == kChunk) {
+      V acc[4] = {V(T(0)), V(T(0)), V(T(0)), V(T(0))};
+      for (int64_t r = 0; r < R; ++r)
+        for (int v = 0; v < 4; ++v) acc[v] += V::load(t + r * rs + c0 + v * L);
+      for (int v = 0; v < 4; ++v) acc[v].store(out + c0 + v * L);
+    } else {
+      for (int64_t c = c0; c < c0 + n; ++c) {
+        T sum = T(0);
+        for (int64_t r = 0; r < R; ++r) sum += t[r * rs + c * cs];
+        out[c] = sum;
       }
     }
   }

@@ -55,6 +55,11 @@ struct Kernels {
   // A large GEMM over `threads` threads; the same bits for any thread count.
   void (*gemm_f32)(const GemmArgs<float>&, int threads);
   void (*gemm_f64)(const GemmArgs<double>&, int threads);
+  // out[c] = sum over rows r (in order) of t[r * rs + c * cs], c < C: bias gradients.
+  void (*column_sum_f32)(const float* t, int64_t R, int64_t C, int64_t rs, int64_t cs,
+                         float* out, int threads);
+  void (*column_sum_f64)(const double* t, int64_t R, int64_t C, int64_t rs, int64_t cs,
+                         double* out, int threads);
 };
 
 // The table in use: the best this CPU supports, unless set_kernels chose another.

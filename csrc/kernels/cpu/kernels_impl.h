@@ -26,13 +26,20 @@ void run_gemm(const GemmArgs<T>& g, int threads) {
                                                  g.bn, g.beta, g.bias, g.c, g.ldc, threads);
 }
 
+template <class T>
+void run_column_sum(const T* t, int64_t R, int64_t C, int64_t rs, int64_t cs, T* out,
+                    int threads) {
+  column_sum<typename kIsa::template V<T>>(t, R, C, rs, cs, out, threads);
+}
+
 #define FASTRNN_STR2(x) #x
 #define FASTRNN_STR(x) FASTRNN_STR2(x)
 const Kernels& table() {
   static const Kernels k{FASTRNN_STR(FASTRNN_CPU_ISA),
                          &run_forward<float>,  &run_forward<double>,
                          &run_backward<float>, &run_backward<double>,
-                         &run_gemm<float>,     &run_gemm<double>};
+                         &run_gemm<float>,     &run_gemm<double>,
+                         &run_column_sum<float>, &run_column_sum<double>};
   return k;
 }
 #undef FASTRNN_STR

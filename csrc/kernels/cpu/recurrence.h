@@ -96,12 +96,20 @@ template <int G, int L, class T>
 void pack_gates(const T* w_hh, int64_t H, int64_t P, int64_t j0, int64_t hs, T* out) {
   for (int64_t u = 0; u * L < hs; ++u) {
     T* panel = out + u * P * G * L;
-    for (int g = 0; g < G; ++g)
-      for (int l = 0; l < L; ++l) {
-        const int64_t j = u * L + l;
-        const T* src = j < hs ? w_hh + (g * H + j0 + j) * P : nullptr;
-        for (int64_t k = 0; k < P; ++k) panel[(k * G + g) * L + l] = src ? src[k] : T(0);
-      }
+    for (int64_t k0 = 0; k0 < P; k0 += 16) {  // 16 k at a time: reads and writes stay in L1
+      const int64_t kb = std::min<int64_t>(16, P - k0);
+      for (int g = 0; g < G; ++g)
+        for (int l = 0; l < L; ++l) {
+          const int64_t j = u * L + l;
+          T* dst = panel + (k0 * G + g) * L + l;
+          if (j < hs) {
+            const T* src = w_hh + (g * H + j0 + j) * P + k0;
+            for (int64_t k = 0; k < kb; ++k) dst[k * G * L] = src[k];
+          } else {
+            for (int64_t k = 0; k < kb; ++k) dst[k * G * L] = T(0);
+          }
+        }
+    }
   }
 }
 
