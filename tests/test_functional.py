@@ -468,3 +468,20 @@ def test_backward_without_saved_state_is_an_error():
     with pytest.raises(RuntimeError, match="forward ran with save=False"):
         ops.backward("gru", y, h_n, None, args[1].detach(), args[4].detach(), args[5].detach(),
                      None, None, gates, hprev, cprev, m, False, True)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_inference_mode_and_training_calls_interleave(cell):
+    """Calls under torch.inference_mode and normal calls share per-thread scratch memory
+    (for the input projection and the gate gradients); neither mode may leak into the other,
+    with lengths (the padded-row path) and without."""
+    inp = make_inputs(cell, 6, 5, 4, 24, dtype=torch.float32)
+    lens = torch.tensor([6, 2, 0, 5, 1])
+    ref = [o.detach() for o in call(F, cell, inp, lens) if o is not None]
+    for _ in range(2):
+        with torch.inference_mode():
+            got = [o for o in call(F, cell, inp, lens) if o is not None]
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+        outs = [o for o in call(F, cell, inp, lens) if o is not None]
+        sum(o.sum() for o in outs).backward()
+        assert all(torch.equal(a.detach(), b) for a, b in zip(outs, ref))

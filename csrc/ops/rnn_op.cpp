@@ -26,14 +26,19 @@ at::Tensor valid_rows(const c10::optional<at::Tensor>& lengths, int64_t T, int64
 // thread on the CPU: a fresh tensor over glibc's mmap threshold (32 MB) comes back as new
 // pages that the OS zero-fills on first touch, every call (about 10 ms per 50 MB here).
 // Never returned to the caller. On CUDA, torch's caching allocator already reuses memory.
+// Each call wraps the memory in a tensor of its own, so the tensor belongs to the call's
+// mode (an inference tensor under torch.inference_mode, a normal one otherwise).
 enum Scratch { kGx, kDgx, kDgh, kScratchSlots };
 at::Tensor scratch(Scratch slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
   if (opts.device().is_cuda()) return at::empty(shape, opts);
-  thread_local at::Tensor cache[kScratchSlots];
+  thread_local at::Tensor cache[kScratchSlots];  // the memory only
   at::Tensor& t = cache[slot];
   const int64_t n = c10::multiply_integers(shape);
-  if (!t.defined() || t.dtype() != opts.dtype() || t.numel() < n) t = at::empty({n}, opts);
-  return t.narrow(0, 0, n).view(shape);
+  if (!t.defined() || t.dtype() != opts.dtype() || t.numel() < n) {
+    t = at::Tensor();  // free the old block first
+    t = at::empty({n}, opts);
+  }
+  return at::from_blob(t.data_ptr(), shape, opts);
 }
 
 // a [M, K] @ b [K, N] (+ bias [N]) into out [M, N] (a new tensor when undefined): on the
