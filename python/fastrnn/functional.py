@@ -42,7 +42,10 @@ def layer(cell, x, h0, c0, weights, lengths=None, reverse=False):
     direction (biases and w_hr may be None). Direction 1 runs reversed (bidirectional).
     Returns (y [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None).
     """
-    w_ih, w_hh, b_ih, b_hh, w_hr = (_stack(list(ws)) for ws in zip(*weights))
+    if len(weights) == 1:  # the common case, without the generic stacking
+        w_ih, w_hh, b_ih, b_hh, w_hr = (None if t is None else t.unsqueeze(0) for t in weights[0])
+    else:
+        w_ih, w_hh, b_ih, b_hh, w_hr = (_stack(list(ws)) for ws in zip(*weights))
     y, h_n, c_n, *_ = ops.forward(
         cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _lengths(lengths, x), reverse,
         _save(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))

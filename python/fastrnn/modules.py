@@ -105,13 +105,25 @@ class _RNNBase(RNNBase):
         kernels neither need nor use.
         """
 
-    def _weights(self, layer, direction):
-        suffix = "_reverse" if direction == 1 else ""
-        # getattr at call time, so weight tying and torch.func.functional_call work.
-        return tuple(
-            getattr(self, f"{name}_l{layer}{suffix}", None)
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-        )
+    def _weight_names(self):
+        """Parameter names per layer and direction, each (w_ih, w_hh, b_ih, b_hh, w_hr)."""
+        key = (self.num_layers, self.bidirectional)
+        cached = self.__dict__.get("_fastrnn_names")
+        if cached is None or cached[0] != key:
+            names = [[tuple(f"{name}_l{layer}{'_reverse' if d else ''}"
+                            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                                         "weight_hr"))
+                      for d in range(2 if self.bidirectional else 1)]
+                     for layer in range(self.num_layers)]
+            cached = self.__dict__["_fastrnn_names"] = (key, names)
+        return cached[1]
+
+    def _all_weights_now(self):
+        """[layer][direction] -> (w_ih, w_hh, b_ih, b_hh, w_hr), read at call time (None
+        where absent), so weight tying and torch.func.functional_call work."""
+        params = self._parameters
+        return [[tuple(params.get(n) if n in params else getattr(self, n, None) for n in names)
+                 for names in layer] for layer in self._weight_names()]
 
     def _zero_state(self, input, batch):
         num_directions = 2 if self.bidirectional else 1
@@ -142,51 +154,46 @@ class _RNNBase(RNNBase):
         tail = " tensor" if name == "RNN" else ""
         return ValueError(f"{name}: Expected input to be 2D or 3D, got {dim}D{tail} instead")
 
-    def _run_layer(self, layer, x, state, lengths):
-        """Run both directions of one layer in one fused call (they run concurrently).
-
-        x: [T, B, I]; state: tuple of [num_directions, B, *] tensors.
-        Returns (y [T, B, num_directions * P], final state tuple shaped like ``state``).
-        """
+    def _run_layers(self, x, state, lengths, weights):
+        """x: [T, B, I]; state: tuple of [L * D, B, *]; weights: [layer][direction] tuples.
+        Each layer runs both directions in one fused call (they run concurrently).
+        Returns (y [T, B, D * P], final state tuple shaped like ``state``)."""
         num_directions = 2 if self.bidirectional else 1
-        weights = [self._weights(layer, d) for d in range(num_directions)]
         cell = _CELLS[self.mode]
-        y, h, c = F.layer(cell, x, state[0], state[1] if cell == "lstm" else None, weights,
-                          lengths)
-        return y, ((h, c) if cell == "lstm" else (h,))
-
-    def _run_layers(self, x, state, lengths):
-        """x: [T, B, I]; state: tuple of [L * D, B, *]. Returns (y, final state tuple)."""
-        num_directions = 2 if self.bidirectional else 1
         finals = []
         for layer in range(self.num_layers):
             if layer > 0 and self.training and self.dropout > 0:
                 # torch applies dropout to every layer's output but the last.
                 x = torch.nn.functional.dropout(x, self.dropout, training=True)
-            rows = slice(layer * num_directions, (layer + 1) * num_directions)
-            x, final = self._run_layer(layer, x, tuple(s[rows] for s in state), lengths)
-            finals.append(final)
+            s = state if self.num_layers == 1 else tuple(
+                t[layer * num_directions:(layer + 1) * num_directions] for t in state)
+            x, h, c = F.layer(cell, x, s[0], s[1] if cell == "lstm" else None, weights[layer],
+                              lengths)
+            finals.append((h, c) if cell == "lstm" else (h,))
+        if self.num_layers == 1:
+            return x, finals[0]
         return x, tuple(torch.cat(parts) for parts in zip(*finals))
 
-    def _check_runtime(self, input, hx):
+    def _check_runtime(self, input, hx, weights):
         """Checks torch makes in C++ after the Python shape checks."""
         state = hx if self.mode == "LSTM" else (hx,)
-        _check_devices(input, state, self._flat_weights)
+        flat = [w for layer in weights for d in layer for w in d if w is not None]
+        _check_devices(input, state, flat)
         if not torch._C._is_any_autocast_enabled():  # as torch's own dtype check
-            _check_state_dtype(state, self._flat_weights[0])
+            _check_state_dtype(state, flat[0])
         return state
 
     def forward(self, input, hx=None, *, lengths=None):
         """As torch.nn's forward; ``lengths`` (padded input only) is an integer
         tensor [B], any device and order, giving each sequence's valid steps."""
-        self._update_flat_weights()
+        weights = self._all_weights_now()
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError(
                     "lengths= cannot be combined with a PackedSequence input, "
                     "which already carries its lengths"
                 )
-            return self._forward_packed(input, hx)
+            return self._forward_packed(input, hx, weights)
 
         if input.dim() not in (2, 3):
             raise self._input_dim_error(input.dim())
@@ -201,7 +208,7 @@ class _RNNBase(RNNBase):
             if not is_batched:
                 hx = tuple(h.unsqueeze(1) for h in hx) if self.mode == "LSTM" else hx.unsqueeze(1)
         self.check_forward_args(input, hx, None)
-        state = self._check_runtime(input, hx)
+        state = self._check_runtime(input, hx, weights)
 
         x = input.transpose(0, 1) if self.batch_first else input
         if x.size(0) == 0:
@@ -211,7 +218,7 @@ class _RNNBase(RNNBase):
                 lengths = torch.as_tensor(lengths).reshape(1)  # one sequence, one length
             lengths = _check_lengths(lengths, x.size(1), x.size(0), x.device)
 
-        y, final = self._run_layers(x, state, lengths)
+        y, final = self._run_layers(x, state, lengths, weights)
 
         if self.batch_first:
             y = y.transpose(0, 1)  # a view, as torch returns
@@ -220,7 +227,7 @@ class _RNNBase(RNNBase):
             final = tuple(f.squeeze(1) for f in final)
         return y, final if self.mode == "LSTM" else final[0]
 
-    def _forward_packed(self, packed, hx):
+    def _forward_packed(self, packed, hx, weights):
         data, batch_sizes, sorted_indices, unsorted_indices = packed
         if hx is None:
             hx = self._zero_state(data, int(batch_sizes[0]))
@@ -229,11 +236,11 @@ class _RNNBase(RNNBase):
             hx = self.permute_hidden(hx, sorted_indices)
         # torch.nn.LSTM skips these checks for packed input (and can crash); we don't.
         self.check_forward_args(data, hx, batch_sizes)
-        state = self._check_runtime(data, hx)
+        state = self._check_runtime(data, hx, weights)
 
         # Pad once, run with in-kernel lengths, pack once: rows stay in sorted order.
         x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
-        y, final = self._run_layers(x, state, lengths.to(x.device))
+        y, final = self._run_layers(x, state, lengths.to(x.device), weights)
         out = PackedSequence(pack_padded_sequence(y, lengths).data, batch_sizes,
                              sorted_indices, unsorted_indices)
         hidden = final if self.mode == "LSTM" else final[0]

@@ -124,6 +124,7 @@ struct StepIo {
   T* mbuf;         // [Bn, H] cell output before the projection (projection only)
   T* yt;           // [B, ldy] this step's output rows, caller's row order
   int64_t row0;    // t * B: flat row of batch row 0 at this step in gx, gates, m
+  int64_t next0;   // the same for the next step, or -1 after the last
   const int64_t* order;
   const T* bias;   // [G*H] b_hh (or zeros)
   bool save, proj;
@@ -156,6 +157,11 @@ FASTRNN_INLINE void fused_tile(const ForwardParams<T>& p, const StepIo<T>& io, c
     for (int g = 0; g < G; ++g) {
       xg[g] = load(x + g * H);
       hg[g] = acc[r][g] + load(io.bias + g * H + u0);
+    }
+    if (io.next0 >= 0) {  // the same units of the next step's input projection, from memory
+      const T* xn = p.gx + (io.next0 + b) * p.ldgx + u0;
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) __builtin_prefetch(xn + g * H);
     }
     const V hp = Cell::kUsesPrevH ? load(io.hin + i * P + u0) : V(T(0));
     const V cp = Cell::kHasCell ? load(io.cin + i * H + u0) : V(T(0));
@@ -270,7 +276,9 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
     const int64_t t = time_of(s, Tn, p.reverse), n = sched.active[t];
     const StepIo<T> io{hbuf + (s % 2) * Bn * P, cbuf + (s % 2) * Bn * H,
                        hbuf + ((s + 1) % 2) * Bn * P, cbuf + ((s + 1) % 2) * Bn * H, mbuf,
-                       p.y + t * B * p.ldy, t * B, order, p.b_hh ? p.b_hh : zeros, saving, proj};
+                       p.y + t * B * p.ldy, t * B,
+                       s + 1 < Tn ? time_of(s + 1, Tn, p.reverse) * B : -1, order,
+                       p.b_hh ? p.b_hh : zeros, saving, proj};
 
     // The running rows (a prefix): fused tiles, unit block by unit block so each block's
     // panel is reused by every row tile while it is in L1/L2.
