@@ -165,7 +165,7 @@ template <class T, int L, int MR, int NV>
 struct Gemm {
   using V = Vec<T, L>;
   static constexpr int kWidth = NV * L;  // panel width
-  static constexpr int64_t kKc = 384;
+  static constexpr int64_t kKc = 512;
   static constexpr int64_t kBlock =
       std::max<int64_t>(1, (512 * 1024) / (kKc * kWidth * static_cast<int64_t>(sizeof(T))));
 
@@ -191,12 +191,18 @@ struct Gemm {
       const int64_t kc = std::min(kKc, K - k0);
       const bool acc = k0 > 0 || beta != T(0), last = k0 + kc == K;
       if (pack_a)
-        for (int64_t k = 0; k < kc; ++k)
+        for (int64_t k = 0; k < kc; ++k) {
+          // Each k starts a new run of A (often a new page, where the hardware prefetcher
+          // stops): ask for the start of a later one now.
+          const T* ahead = a + (k0 + std::min(k + 4, kc - 1)) * aks;
+          for (int64_t m = 0; m < std::min<int64_t>(M, 64); m += 64 / sizeof(T))
+            __builtin_prefetch(ahead + m * ars);
           for (int64_t r0 = 0; r0 < M; r0 += MR) {
             T* dst = a_packed.data + r0 * kc + k * MR;
             const T* src = a + r0 * ars + (k0 + k) * aks;
             for (int64_t r = 0; r < std::min<int64_t>(MR, M - r0); ++r) dst[r] = src[r * ars];
           }
+        }
       for (int64_t j = 0; j < nblocks; ++j) {
         const int64_t q0 = p0 + (p1 - p0) * j / nblocks, q1 = p0 + (p1 - p0) * (j + 1) / nblocks;
         for (int64_t r0 = 0; r0 < M; r0 += MR) {
@@ -240,7 +246,9 @@ void parallel_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int
   packed.reserve(std::max<int64_t>(1, panels * K * G::kWidth));
   B.data = packed.data;
   const bool by_rows = M >= 64 * threads;
-  const int64_t tasks = by_rows ? std::max<int64_t>(threads, (M + 511) / 512)
+  // Row blocks of at most about 512 rows, a multiple of the thread count so every thread
+  // gets the same share.
+  const int64_t tasks = by_rows ? threads * (((M + 511) / 512 + threads - 1) / threads)
                                 : std::max<int64_t>(1, std::min<int64_t>(threads, panels));
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
   const double work = static_cast<double>(M) * N * std::max<int64_t>(K, 1);
