@@ -111,3 +111,20 @@ def test_mm_errors():
 
 def test_opcheck_mm():
     torch.library.opcheck(torch.ops.fastrnn.mm.default, (torch.randn(5, 4), torch.randn(4, 3)))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_tanh", "RNN_relu"])
+def test_nan_propagates_as_in_torch_nn(isa, kind):
+    """A NaN in the input reaches the same outputs as in torch.nn: the vector exp/tanh
+    clamps and the ReLU must not turn it into a number."""
+    torch.manual_seed(0)
+    name, nl = (kind.split("_") + [None])[:2]
+    extra = {"nonlinearity": nl} if nl else {}
+    ref = getattr(torch.nn, name)(6, 40, **extra)
+    fast = getattr(__import__("fastrnn"), name)(6, 40, **extra)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 6)
+    x[2, 1, 4] = float("nan")
+    (ya, ha), (ye, he) = fast(x), ref(x)
+    torch.testing.assert_close(ya, ye, equal_nan=True, atol=1e-5, rtol=1e-4)
+    assert torch.equal(ya.isnan(), ye.isnan()) and ya.isnan().any()

@@ -66,7 +66,7 @@ inline __attribute__((always_inline)) float tanh_poly(float x) {
 // run this file's cell math on several units at once.
 template <class T> FASTRNN_HD T sigmoid(T x) { return T(1) / (T(1) + exp(-x)); }
 template <class T> FASTRNN_HD T tanh_act(T x) { return tanh(x); }
-template <class T> FASTRNN_HD T relu(T x) { return x > T(0) ? x : T(0); }
+template <class T> FASTRNN_HD T relu(T x) { return x < T(0) ? T(0) : x; }  // NaN stays NaN
 template <class T> FASTRNN_HD T relu_grad(T h, T dh) { return h > T(0) ? dh : T(0); }
 
 #if !defined(__CUDA_ARCH__)

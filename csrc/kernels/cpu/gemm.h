@@ -2,8 +2,9 @@
 //
 // B is packed once into panels of W = NV vectors (NV * L columns): panel p holds columns
 // [p*W, p*W + W) of op(B) as [K][W], zero past N, so the tile streams it with unit stride.
-// A is not packed: the tile broadcasts A[r, k] from any row/column stride, which covers
-// both x [M, K] (row-major) and dgx^T (a transposed view) without a copy.
+// The tile broadcasts A[r, k] from any row/column stride: a row-major A (x [M, K], h) is
+// read where it lies; a transposed view (dgx^T in the weight gradients) is copied per K
+// block into [K][MR] tiles first (Gemm::run), so its MR values of one k share a line.
 // The tile keeps MR x NV accumulators in registers for the whole K loop.
 //
 // Determinism: every C element is one chain of FMAs over k = 0..K-1 in order, whatever

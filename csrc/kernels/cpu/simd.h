@@ -86,10 +86,12 @@ FASTRNN_INLINE Vec<T, N> select_gt(Vec<T, N> a, Vec<T, N> b, Vec<T, N> x, Vec<T,
   return Vec<T, N>::of(a.v > b.v ? x.v : y.v);
 }
 
+// min/max that return a when it is NaN (a comparison with NaN is false), so NaNs
+// propagate through the clamps and activations as they do in torch.
 template <class T, int N>
 FASTRNN_INLINE Vec<T, N> vmin(Vec<T, N> a, Vec<T, N> b) { return select_gt(a, b, b, a); }
 template <class T, int N>
-FASTRNN_INLINE Vec<T, N> vmax(Vec<T, N> a, Vec<T, N> b) { return select_gt(a, b, a, b); }
+FASTRNN_INLINE Vec<T, N> vmax(Vec<T, N> a, Vec<T, N> b) { return select_gt(b, a, b, a); }
 
 // Bit-level helpers for float lanes.
 template <int N>
