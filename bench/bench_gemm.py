@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 
 import torch
 
@@ -99,6 +100,23 @@ def bench_one(a, b, repeats, fast_mm):
     return gflops, ms, notes
 
 
+def l2_read_gbps(kib=512, repeats=2000):
+    """One core's read bandwidth from a buffer of `kib` KiB (L2-resident on most x86 CPUs):
+    what bounds a batch-1 recurrent step, which streams its slice of W_hh every step."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.ones(kib * 256)
+        for _ in range(100):
+            a.sum()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            a.sum()
+        return a.numel() * 4 * repeats / (time.perf_counter() - t) / 1e9
+    finally:
+        torch.set_num_threads(saved)
+
+
 def main(argv=None):
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,10 +139,11 @@ def main(argv=None):
                                  + (sys.argv[1:] if argv is None else argv)),
                 cpu=cpu_model(), threads=torch.get_num_threads(), dtype=args.dtype, torch=torch.__version__,
                 python=platform.python_version(), fastrnn_mm=fast_mm is not None, repeats=args.repeats,
-                loadavg_start=load_average())
+                loadavg_start=load_average(), l2_read_gbps_per_core=l2_read_gbps())
     print(f"# {info['cpu']} | {info['threads']} threads | {args.dtype} | torch {info['torch']} | {info['date']}")
     print(f"# GFLOP/s, median of {args.repeats} after 1 warm-up; % = of the faster of torch.mm and oneDNN "
           f"on that GEMM | fastrnn.mm {'present' if fast_mm else 'absent'} | load average {info['loadavg_start']}")
+    print(f"# read bandwidth of one core from 512 KiB (torch.sum): {info['l2_read_gbps_per_core']:.0f} GB/s")
 
     # A generator: each layer's operands exist only while its rows run.
     cases = ((cell, shape, name, a, b) for shape in args.shapes for cell in args.cells
