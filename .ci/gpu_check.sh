@@ -2,7 +2,8 @@
 # GPU check, for a machine with an NVIDIA GPU, a CUDA build of torch, nvcc, cmake, ninja,
 # pybind11 and scikit-build-core already installed (no network needed):
 #   1. builds and installs fastrnn with its CUDA kernels (FASTRNN_CUDA=ON: no silent CPU-only build),
-#   2. compiles the torch-free kernels alone (.ci/compile_cuda.sh),
+#   2. compile-checks every .cu under csrc/ (.ci/compile_cuda.sh: the kernels with nvcc alone,
+#      the op layer with torch's headers),
 #   3. runs the whole test suite (tests/test_cuda.py is the CUDA part),
 #   4. runs a short benchmark against torch.nn on the GPU.
 # Logs, the JUnit report, bench JSON and PNG go to $OUT when set, else to bench/results/gpu_check/.
@@ -40,8 +41,9 @@ if ! python -c "import fastrnn.ops as o, sys; sys.exit(0 if o._C.cuda else 1)"; 
   exit 1
 fi
 
-echo "== compile check of the torch-free kernels"
-bash .ci/compile_cuda.sh 2>&1 | tee "$OUT_DIR/compile_cuda.log" || status=1
+echo "== compile check of every CUDA source (kernels alone, op layer with torch's headers)"
+REQUIRE_TORCH=1 bash .ci/compile_cuda.sh 2>&1 | tee "$OUT_DIR/compile_cuda.log"
+[[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 
 echo "== tests"
 read -r -a test_targets <<< "${GPU_CHECK_TESTS:-tests/}"

@@ -125,9 +125,113 @@ endif()
 set(FASTRNN_CUDA_ARCHITECTURES "${_fastrnn_archs}")
 message(STATUS "fastrnn: CUDA architectures ${FASTRNN_CUDA_ARCHITECTURES} (from ${_fastrnn_archs_from})")
 
+# The cuBLAS, cuSPARSE and cuSOLVER headers, for sources that include ATen's CUDA context
+# (ATen/cuda/CUDAContext.h and the headers that include it). fastrnn's own sources need none
+# of them: csrc/ops/cuda_loop.cu runs its GEMMs through ATen ops. A toolkit that lacks them
+# (nvcc with the runtime headers only, as on the development machines) takes them from the
+# pip packages that torch's CUDA wheel depends on: site-packages/nvidia/cu13/include (CUDA 13)
+# or nvidia/<library>/include (CUDA 12). They come after every other include directory, so
+# the toolkit's own headers (cuda_runtime.h, ...) always win over the copies there.
+function(_fastrnn_cuda_library_headers target)
+  set(_wanted cublas_v2.h cublasLt.h cusparse.h cusolverDn.h)
+  set(_missing "")
+  foreach(header IN LISTS _wanted)
+    find_file(_fastrnn_found_${header} ${header} PATHS ${CMAKE_CUDA_TOOLKIT_INCLUDE_DIRECTORIES}
+              NO_DEFAULT_PATH NO_CACHE)
+    if(NOT _fastrnn_found_${header})
+      list(APPEND _missing ${header})
+    endif()
+  endforeach()
+  if(NOT _missing)
+    return()
+  endif()
+  execute_process(
+    COMMAND "${Python_EXECUTABLE}" -c "
+import glob, importlib.util, os
+spec = importlib.util.find_spec('nvidia')
+roots = list(spec.submodule_search_locations) if spec else []
+dirs = sorted({os.path.dirname(h) for r in roots for n in '${_missing}'.split(';')
+               for h in glob.glob(os.path.join(r, '*', 'include', n))})
+print(';'.join(dirs))"
+    OUTPUT_VARIABLE _dirs OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+  set(_still_missing "")
+  foreach(header IN LISTS _missing)
+    find_file(_fastrnn_pip_${header} ${header} PATHS ${_dirs} NO_DEFAULT_PATH NO_CACHE)
+    if(NOT _fastrnn_pip_${header})
+      list(APPEND _still_missing ${header})
+    endif()
+  endforeach()
+  if(_dirs)
+    target_include_directories(${target} SYSTEM AFTER PRIVATE
+                               "$<$<COMPILE_LANGUAGE:CUDA>:${_dirs}>")
+    list(JOIN _dirs ", " _names)
+    message(STATUS "fastrnn: CUDA library headers from torch's pip packages: ${_names}")
+  endif()
+  if(_still_missing)
+    list(JOIN _still_missing ", " _names)
+    message(STATUS "fastrnn: ${_names} found neither in the CUDA toolkit nor under "
+                   "site-packages/nvidia (not needed by fastrnn's own sources)")
+  endif()
+endfunction()
+
+# torch's CMake config links its CUDA targets to CUDA::nvrtc, CUDA::cuda_driver and, by
+# version, CUDA::cublas, CUDA::curand, CUDA::cufft...; FindCUDAToolkit creates those only for
+# the libraries the toolkit has. With a toolkit that lacks them (nvcc and the runtime alone),
+# CMake stops at generation: "links to target CUDA::nvrtc but the target was not found".
+# fastrnn calls none of these libraries itself, and libtorch_cuda.so loads its own (from
+# torch's pip packages), so an empty stand-in is all the link needs. Walks the link interface
+# of every target in TORCH_LIBRARIES, through $<TARGET_PROPERTY:...> references.
+function(_fastrnn_stand_in_missing_cuda_targets)
+  set(_queue "")
+  foreach(lib IN LISTS TORCH_LIBRARIES)
+    if(TARGET "${lib}")
+      list(APPEND _queue "${lib}")
+    endif()
+  endforeach()
+  set(_seen "")
+  set(_missing "")
+  while(_queue)
+    list(POP_FRONT _queue t)
+    if(t IN_LIST _seen)
+      continue()
+    endif()
+    list(APPEND _seen "${t}")
+    if(NOT TARGET "${t}")
+      if(t MATCHES "^CUDA::")
+        list(APPEND _missing "${t}")
+      endif()
+      continue()
+    endif()
+    get_target_property(_libs "${t}" INTERFACE_LINK_LIBRARIES)
+    if(NOT _libs)
+      continue()
+    endif()
+    foreach(item IN LISTS _libs)
+      string(REGEX MATCHALL "\\$<TARGET_PROPERTY:[^,>]+,INTERFACE_LINK_LIBRARIES>" _refs "${item}")
+      foreach(ref IN LISTS _refs)
+        string(REGEX REPLACE "^\\$<TARGET_PROPERTY:([^,>]+),.*$" "\\1" ref "${ref}")
+        list(APPEND _queue "${ref}")
+      endforeach()
+      string(REGEX REPLACE "^\\$<LINK_ONLY:(.*)>$" "\\1" item "${item}")
+      if(item MATCHES "^[A-Za-z0-9_.+-]+(::[A-Za-z0-9_.+-]+)?$" AND NOT item MATCHES "^-")
+        list(APPEND _queue "${item}")
+      endif()
+    endforeach()
+  endwhile()
+  foreach(t IN LISTS _missing)
+    add_library(${t} INTERFACE IMPORTED)
+  endforeach()
+  if(_missing)
+    list(JOIN _missing ", " _names)
+    message(STATUS "fastrnn: the CUDA toolkit lacks ${_names}, which torch's CMake config "
+                   "links; using empty stand-ins (torch's own libraries load theirs)")
+  endif()
+endfunction()
+
 # After find_package(Torch): compile `target`'s CUDA sources for FASTRNN_CUDA_ARCHITECTURES
 # only (torch's config adds -gencode flags for its own choice to CMAKE_CUDA_FLAGS), link the
-# shared CUDA runtime that torch uses, and define FASTRNN_WITH_CUDA for every source.
+# shared CUDA runtime that torch uses, define FASTRNN_WITH_CUDA for every source, find the
+# CUDA library headers and stand in for missing CUDA library targets (above).
 function(fastrnn_configure_cuda_target target)
   string(REGEX REPLACE "-gencode[ =]+arch=[^ ]+" "" _flags "${CMAKE_CUDA_FLAGS}")
   string(REGEX REPLACE " +" " " _flags "${_flags}")
@@ -140,4 +244,6 @@ function(fastrnn_configure_cuda_target target)
     "$<$<COMPILE_LANGUAGE:CUDA>:__CUDA_NO_HALF_OPERATORS__;__CUDA_NO_HALF_CONVERSIONS__;__CUDA_NO_BFLOAT16_CONVERSIONS__;__CUDA_NO_HALF2_OPERATORS__>")
   target_compile_options(${target} PRIVATE
     "$<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr>")
+  _fastrnn_cuda_library_headers(${target})
+  _fastrnn_stand_in_missing_cuda_targets()
 endfunction()

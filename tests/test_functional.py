@@ -485,3 +485,37 @@ def test_inference_mode_and_training_calls_interleave(cell):
         outs = [o for o in call(F, cell, inp, lens) if o is not None]
         sum(o.sum() for o in outs).backward()
         assert all(torch.equal(a.detach(), b) for a, b in zip(outs, ref))
+
+
+def backward_args(cell="lstm", **change):
+    """Arguments of a valid fastrnn::backward call on what a real forward saved, with
+    `change` applied (names as in the schema)."""
+    lens = torch.tensor([3, 1, 2])
+    args = op_args(cell, 1, lens)
+    with torch.no_grad():
+        y, h_n, c_n, gates, hprev, cprev, m = ops.forward(*args)
+    a = dict(cell=cell, dy=torch.randn_like(y), dh_n=torch.randn_like(h_n),
+             dc_n=torch.randn_like(c_n) if cell == "lstm" else None, x=args[1].detach(),
+             w_ih=args[4].detach(), w_hh=args[5].detach(), w_hr=None, lengths=lens, gates=gates,
+             hprev=hprev, cprev=cprev, m=m, reverse=False, input_grad=True)
+    a.update(change)
+    return list(a.values())
+
+
+@pytest.mark.parametrize("cell, change, match", [
+    ("lstm", dict(dy=torch.randn(3, 3, 5, dtype=torch.float64)), r"dy must have shape \[3, 3, 4\]"),
+    ("lstm", dict(dy=torch.randn(3, 3, 4)), "dy has dtype Float but input x has dtype Double"),
+    ("lstm", dict(dh_n=torch.randn(1, 2, 4, dtype=torch.float64)), "dh_n must have shape"),
+    ("lstm", dict(dc_n=torch.randn(2, 3, 4, dtype=torch.float64)), "dc_n must have shape"),
+    ("gru", dict(dc_n=torch.randn(1, 3, 4, dtype=torch.float64)), "dc_n is only used by cell 'lstm'"),
+    ("gru", dict(lengths=torch.tensor([3, 1, 2], dtype=torch.int32)), "lengths must be int64"),
+    ("gru", dict(lengths=torch.tensor([3, 1])), r"lengths must have shape \[3\]"),
+    ("gru", dict(lengths=torch.tensor([3, 1, 4])), "must not exceed the sequence length 3"),
+    ("rnn_tanh", dict(hprev=torch.randn(1, 9, 4, dtype=torch.float64)), "hprev must have shape"),
+])
+def test_backward_bad_input_errors(cell, change, match):
+    """A direct fastrnn::backward call is checked like forward: every tensor a kernel reads
+    gets its shape, dtype and device checked first (never a read out of bounds)."""
+    with pytest.raises(RuntimeError, match=match):
+        ops.backward(*backward_args(cell, **change))
+    ops.backward(*backward_args(cell))  # the unchanged call is fine

@@ -17,6 +17,70 @@ void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name
               ", got ", t.sizes());
 }
 
+// The cell and x: sets kind, G, S, T, B, I.
+Shapes check_cell_and_x(const std::string& cell, const at::Tensor& x) {
+  Shapes s{};
+  s.kind = parse_cell(cell);
+  s.G = gates_of(s.kind);
+  s.S = saved_of(s.kind);
+  TORCH_CHECK(x.dim() == 3, "fastrnn: x must be 3-D [seq_len, batch, input_size], got ",
+              x.dim(), "-D with shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                  (x.is_cuda() && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16)),
+              "fastrnn: unsupported dtype ", x.scalar_type(), " on ", x.device(),
+              " (CPU supports float32 and float64)");
+  s.T = x.size(0);
+  s.B = x.size(1);
+  s.I = x.size(2);
+  return s;
+}
+
+// w_hh [D, G*H, P], w_ih [D, G*H, I], w_hr [D, P, H] (LSTM only): sets D, H, P, proj.
+void check_weights(Shapes& s, const std::string& cell, const at::Tensor& x,
+                   const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor* whr) {
+  TORCH_CHECK(w_hh.dim() == 3 && (w_hh.size(0) == 1 || w_hh.size(0) == 2),
+              "fastrnn: w_hh must be 3-D [directions (1 or 2), gates*hidden_size, state_size], got ",
+              w_hh.sizes());
+  s.D = w_hh.size(0);
+  TORCH_CHECK(w_hh.size(1) % s.G == 0 && w_hh.size(1) > 0, "fastrnn: w_hh has ", w_hh.size(1),
+              " rows, which is not a positive multiple of ", s.G, " gates for cell '", cell, "'");
+  s.H = w_hh.size(1) / s.G;
+  s.P = w_hh.size(2);
+  check_same(x, w_hh, "w_hh");
+  check_shape(w_ih, {s.D, s.G * s.H, s.I}, "w_ih");
+  check_same(x, w_ih, "w_ih");
+
+  TORCH_CHECK(!whr || s.kind == CellKind::LSTM,
+              "fastrnn: w_hr (projection) is only supported for cell 'lstm'");
+  s.proj = whr != nullptr;
+  if (s.proj) {
+    check_shape(*whr, {s.D, s.P, s.H}, "w_hr");
+    check_same(x, *whr, "w_hr");
+    TORCH_CHECK(s.P < s.H, "fastrnn: proj_size (", s.P, ") must be smaller than hidden_size (",
+                s.H, ")");
+  } else {
+    TORCH_CHECK(s.P == s.H, "fastrnn: w_hh must have shape [", s.D, ", ", s.G * s.H, ", ", s.H,
+                "], got ", w_hh.sizes());
+  }
+}
+
+void check_lengths(const at::Tensor& len, const at::Tensor& x, int64_t B) {
+  TORCH_CHECK(len.scalar_type() == at::kLong, "fastrnn: lengths must be int64, got ",
+              len.scalar_type());
+  TORCH_CHECK(len.dim() == 1 && len.size(0) == B, "fastrnn: lengths must have shape [", B,
+              "] (one length per batch entry), got ", len.sizes());
+  TORCH_CHECK(len.device() == x.device(), "fastrnn: lengths is on ", len.device(),
+              " but input x is on ", x.device());
+}
+
+// A tensor saved by forward, when there is anything to save (T * B > 0).
+void check_saved(const at::Tensor& x, const at::Tensor& t, at::IntArrayRef expected,
+                 const char* name) {
+  if (c10::multiply_integers(expected) == 0) return;
+  check_shape(t, expected, name);
+  check_same(x, t, name);
+}
+
 }  // namespace
 
 CellKind parse_cell(const std::string& cell) {
@@ -33,46 +97,9 @@ Shapes check_forward(const std::string& cell, const at::Tensor& x, const at::Ten
                      const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
                      const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
                      const c10::optional<at::Tensor>& lengths) {
-  Shapes s{};
-  s.kind = parse_cell(cell);
-  s.G = gates_of(s.kind);
-  s.S = saved_of(s.kind);
+  Shapes s = check_cell_and_x(cell, x);
   const bool lstm = s.kind == CellKind::LSTM;
-
-  TORCH_CHECK(x.dim() == 3, "fastrnn: x must be 3-D [seq_len, batch, input_size], got ",
-              x.dim(), "-D with shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
-                  (x.is_cuda() && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16)),
-              "fastrnn: unsupported dtype ", x.scalar_type(), " on ", x.device(),
-              " (CPU supports float32 and float64)");
-  s.T = x.size(0);
-  s.B = x.size(1);
-  s.I = x.size(2);
-
-  TORCH_CHECK(w_hh.dim() == 3 && (w_hh.size(0) == 1 || w_hh.size(0) == 2),
-              "fastrnn: w_hh must be 3-D [directions (1 or 2), gates*hidden_size, state_size], got ",
-              w_hh.sizes());
-  s.D = w_hh.size(0);
-  TORCH_CHECK(w_hh.size(1) % s.G == 0 && w_hh.size(1) > 0, "fastrnn: w_hh has ", w_hh.size(1),
-              " rows, which is not a positive multiple of ", s.G, " gates for cell '", cell, "'");
-  s.H = w_hh.size(1) / s.G;
-  s.P = w_hh.size(2);
-  check_same(x, w_hh, "w_hh");
-  check_shape(w_ih, {s.D, s.G * s.H, s.I}, "w_ih");
-  check_same(x, w_ih, "w_ih");
-
-  const at::Tensor* whr = opt(w_hr);
-  TORCH_CHECK(!whr || lstm, "fastrnn: w_hr (projection) is only supported for cell 'lstm'");
-  s.proj = whr != nullptr;
-  if (s.proj) {
-    check_shape(*whr, {s.D, s.P, s.H}, "w_hr");
-    check_same(x, *whr, "w_hr");
-    TORCH_CHECK(s.P < s.H, "fastrnn: proj_size (", s.P, ") must be smaller than hidden_size (",
-                s.H, ")");
-  } else {
-    TORCH_CHECK(s.P == s.H, "fastrnn: w_hh must have shape [", s.D, ", ", s.G * s.H, ", ", s.H,
-                "], got ", w_hh.sizes());
-  }
+  check_weights(s, cell, x, w_ih, w_hh, opt(w_hr));
   for (auto [b, name] : {std::make_pair(opt(b_ih), "b_ih"), std::make_pair(opt(b_hh), "b_hh")}) {
     if (!b) continue;
     check_shape(*b, {s.D, s.G * s.H}, name);
@@ -90,37 +117,64 @@ Shapes check_forward(const std::string& cell, const at::Tensor& x, const at::Ten
     TORCH_CHECK(!c, "fastrnn: c0 is only used by cell 'lstm'");
   }
 
-  if (const at::Tensor* len = opt(lengths)) {
-    TORCH_CHECK(len->scalar_type() == at::kLong, "fastrnn: lengths must be int64, got ",
-                len->scalar_type());
-    TORCH_CHECK(len->dim() == 1 && len->size(0) == s.B, "fastrnn: lengths must have shape [",
-                s.B, "] (one length per batch entry), got ", len->sizes());
-    TORCH_CHECK(len->device() == x.device(), "fastrnn: lengths is on ", len->device(),
-                " but input x is on ", x.device());
-  }
+  if (const at::Tensor* len = opt(lengths)) check_lengths(*len, x, s.B);
   return s;
 }
 
 Shapes check_backward(const std::string& cell, const at::Tensor& x, const at::Tensor& w_ih,
                       const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr,
                       const at::Tensor& gates, const at::Tensor& hprev) {
-  Shapes s{};
-  s.kind = parse_cell(cell);
-  s.G = gates_of(s.kind);
-  s.S = saved_of(s.kind);
-  TORCH_CHECK(x.dim() == 3 && w_hh.dim() == 3 && w_ih.dim() == 3,
-              "fastrnn: backward got inputs of the wrong rank");
-  s.D = w_hh.size(0);
-  s.T = x.size(0);
-  s.B = x.size(1);
-  s.I = x.size(2);
-  s.H = w_hh.size(1) / s.G;
-  s.P = w_hh.size(2);
-  s.proj = opt(w_hr) != nullptr;
+  Shapes s = check_cell_and_x(cell, x);
+  check_weights(s, cell, x, w_ih, w_hh, opt(w_hr));
   TORCH_CHECK(gates.numel() == s.D * s.T * s.B * s.S * s.H &&
                   hprev.numel() == s.D * s.T * s.B * s.P,
               "fastrnn: backward needs the state saved by forward, but forward ran with "
               "save=False (inference); run it with gradients enabled");
+  check_saved(x, gates, {s.D, s.T, s.B, s.S * s.H}, "gates");
+  check_saved(x, hprev, {s.D, s.T, s.B, s.P}, "hprev");
+  return s;
+}
+
+void check_backward_rest(const Shapes& s, const at::Tensor& x, const at::Tensor& dy,
+                         const at::Tensor& dh_n, const at::Tensor& dc_n,
+                         const at::Tensor& lengths, const at::Tensor& cprev,
+                         const at::Tensor& m) {
+  const bool lstm = s.kind == CellKind::LSTM;
+  if (dy.defined()) {
+    check_shape(dy, {s.T, s.B, s.D * s.P}, "dy");
+    check_same(x, dy, "dy");
+  }
+  if (dh_n.defined()) {
+    check_shape(dh_n, {s.D, s.B, s.P}, "dh_n");
+    check_same(x, dh_n, "dh_n");
+  }
+  if (lstm) {
+    if (dc_n.defined()) {
+      check_shape(dc_n, {s.D, s.B, s.H}, "dc_n");
+      check_same(x, dc_n, "dc_n");
+    }
+  } else {  // the gradient of the empty c_n output, if any
+    TORCH_CHECK(!dc_n.defined() || dc_n.numel() == 0,
+                "fastrnn: dc_n is only used by cell 'lstm'");
+  }
+  if (lengths.defined()) check_lengths(lengths, x, s.B);
+  if (lstm) check_saved(x, cprev, {s.D, s.T, s.B, s.H}, "cprev");
+  if (s.proj && m.defined()) check_saved(x, m, {s.D, s.T, s.B, s.H}, "m");
+}
+
+Shapes check_backward(const std::string& cell, const c10::optional<at::Tensor>& dy,
+                      const c10::optional<at::Tensor>& dh_n, const c10::optional<at::Tensor>& dc_n,
+                      const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                      const c10::optional<at::Tensor>& w_hr,
+                      const c10::optional<at::Tensor>& lengths, const at::Tensor& gates,
+                      const at::Tensor& hprev, const at::Tensor& cprev, const at::Tensor& m) {
+  const Shapes s = check_backward(cell, x, w_ih, w_hh, w_hr, gates, hprev);
+  auto def = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
+  check_backward_rest(s, x, def(dy), def(dh_n), def(dc_n), def(lengths), cprev, m);
+  // As forward_op does for host-side lengths (device-side ones are read unchecked).
+  if (const at::Tensor* len = opt(lengths); len && len->is_cpu()) {
+    check_length_values(*len, s.T);
+  }
   return s;
 }
 

@@ -26,10 +26,28 @@ Shapes check_forward(const std::string& cell, const at::Tensor& x, const at::Ten
                      const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
                      const c10::optional<at::Tensor>& lengths);
 
-// Sizes for a backward call, from the tensors the forward saved.
+// Validates a backward call and returns its sizes: every argument is checked as
+// check_forward checks its own (shape, dtype, device), so that no kernel is handed a
+// pointer to another device's memory. Arguments in backward_op's order.
+Shapes check_backward(const std::string& cell, const c10::optional<at::Tensor>& dy,
+                      const c10::optional<at::Tensor>& dh_n, const c10::optional<at::Tensor>& dc_n,
+                      const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                      const c10::optional<at::Tensor>& w_hr,
+                      const c10::optional<at::Tensor>& lengths, const at::Tensor& gates,
+                      const at::Tensor& hprev, const at::Tensor& cprev, const at::Tensor& m);
+
+// The part of the above that needs only x, the weights and the saved gates/hprev.
 Shapes check_backward(const std::string& cell, const at::Tensor& x, const at::Tensor& w_ih,
                       const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr,
                       const at::Tensor& gates, const at::Tensor& hprev);
+
+// The rest: the incoming gradients dy [T, B, D*P], dh_n [D, B, P], dc_n [D, B, H] (LSTM),
+// lengths [B] int64, and the saved cprev [D, T, B, H] (LSTM) and m [D, T, B, H] (projection),
+// against the sizes s of a backward call. Undefined tensors are absent; x may be any tensor
+// with x's dtype and device.
+void check_backward_rest(const Shapes& s, const at::Tensor& x, const at::Tensor& dy,
+                         const at::Tensor& dh_n, const at::Tensor& dc_n,
+                         const at::Tensor& lengths, const at::Tensor& cprev, const at::Tensor& m);
 
 // lengths in [0, T]; reads the values, so only for host-side lengths.
 void check_length_values(const at::Tensor& lengths, int64_t T);

@@ -148,7 +148,8 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                         const c10::optional<at::Tensor>& lengths, const at::Tensor& gates,
                         const at::Tensor& hprev, const at::Tensor& cprev, const at::Tensor& m,
                         bool reverse, bool input_grad) {
-  const Shapes s = check_backward(cell, x_, w_ih, w_hh, w_hr, gates, hprev);
+  const Shapes s = check_backward(cell, dy, dh_n, dc_n, x_, w_ih, w_hh, w_hr, lengths, gates,
+                                  hprev, cprev, m);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool lstm = s.kind == CellKind::LSTM;
   const int64_t GH = s.G * s.H, DGH = s.D * GH, TB = s.T * s.B;

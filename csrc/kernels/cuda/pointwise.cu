@@ -1,5 +1,6 @@
 // Per-step pointwise kernels of the CUDA recurrence (see recurrence.cuh): gate math from
-// cells.h, lengths masking and state writes, one thread per (batch row, hidden unit).
+// cells.h, lengths masking and state writes, one thread per (direction, batch row, hidden
+// unit); the directions of a layer share each launch.
 // Torch-free; explicitly instantiated below for every cell and dtype.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -42,119 +43,163 @@ inline unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 20)));
 }
 
+// n units per direction in x, one grid row per direction (D is 1 or 2).
+inline dim3 grid_for(int64_t n, int D) { return dim3(blocks_for(n), static_cast<unsigned>(D)); }
+
 #define FASTRNN_GRID_STRIDE(i, n)                                                         \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 // ---- kernels -------------------------------------------------------------------------
+// Grid row blockIdx.y is the direction. Each kernel hands its direction's arguments to an
+// inlined body with a constant index, so they are read straight from the parameter bank.
 
 template <class Cell, class T>
-__global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardStep<T> a) {
+__device__ __forceinline__ void forward_unit(const ForwardStep<T>& s, const ForwardStepDir<T>& a,
+                                             int64_t idx) {
   using A = acc_t<T>;
   constexpr int G = Cell::kGates, S = Cell::kSaved;
-  const int64_t H = a.H, P = a.P, GH = G * H;
-  FASTRNN_GRID_STRIDE(idx, a.B * H) {
-    const int64_t b = idx / H, j = idx - b * H;
-    if (a.hin_copy != nullptr && j < P) a.hin_copy[b * P + j] = a.hin[b * P + j];
-    if (Cell::kHasCell && a.cprev != nullptr) a.cprev[idx] = store<T>(a.c[idx]);
-    if (!valid(a.lengths, b, a.t)) {  // padded: the state passes through, outputs are zero
-      if (a.gates != nullptr) {  // never read by backward; kept defined
+  const int64_t H = s.H, P = s.P, GH = G * H;
+  const int64_t b = idx / H, j = idx - b * H;
+  if (a.hin_copy != nullptr && j < P) a.hin_copy[b * P + j] = a.hin[b * P + j];
+  if (Cell::kHasCell && a.cprev != nullptr) a.cprev[idx] = store<T>(a.c[idx]);
+  if (!valid(s.lengths, b, a.t)) {  // padded: the state passes through, outputs are zero
+    if (a.gates != nullptr) {  // never read by backward; kept defined
 #pragma unroll
-        for (int k = 0; k < S; ++k) a.gates[b * S * H + k * H + j] = zero<T>();
-      }
-      if (a.m != nullptr) {
-        a.m[idx] = zero<T>();
-      } else {  // P == H without a projection
-        a.hout[b * P + j] = a.hin[b * P + j];
-        a.y[b * a.ldy + j] = zero<T>();
-      }
-      continue;
+      for (int k = 0; k < S; ++k) a.gates[b * S * H + k * H + j] = zero<T>();
     }
-    A xg[G], hg[G], sv[S], h = A(0), c = A(0);
-#pragma unroll
-    for (int k = 0; k < G; ++k) {
-      xg[k] = load(a.gx[b * a.ldgx + k * H + j]);
-      hg[k] = a.gh[b * GH + k * H + j] + (a.b_hh != nullptr ? load(a.b_hh[k * H + j]) : A(0));
-    }
-    Cell::forward(xg, hg, Cell::kUsesPrevH ? load(a.hin[b * P + j]) : A(0),
-                  Cell::kHasCell ? a.c[idx] : A(0), h, c, sv);
-    if (Cell::kHasCell) a.c[idx] = c;
-    if (a.gates != nullptr) {
-#pragma unroll
-      for (int k = 0; k < S; ++k) a.gates[b * S * H + k * H + j] = store<T>(sv[k]);
-    }
-    const T hv = store<T>(h);
     if (a.m != nullptr) {
-      a.m[idx] = hv;
-    } else {
-      a.hout[b * P + j] = hv;
-      a.y[b * a.ldy + j] = hv;
+      a.m[idx] = zero<T>();
+    } else {  // P == H without a projection
+      a.hout[b * P + j] = a.hin[b * P + j];
+      a.y[b * s.ldy + j] = zero<T>();
     }
+    return;
   }
-}
-
-template <class T>
-__global__ void __launch_bounds__(kThreads) project_step_kernel(const ProjectStep<T> a) {
-  FASTRNN_GRID_STRIDE(idx, a.B * a.P) {
-    const int64_t b = idx / a.P, q = idx - b * a.P;
-    if (valid(a.lengths, b, a.t)) {
-      a.y[b * a.ldy + q] = a.hout[idx];
-    } else {
-      a.hout[idx] = a.hin[idx];
-      a.y[b * a.ldy + q] = zero<T>();
-    }
+  A xg[G], hg[G], sv[S], h = A(0), c = A(0);
+#pragma unroll
+  for (int k = 0; k < G; ++k) {
+    xg[k] = load(a.gx[b * s.ldgx + k * H + j]);
+    hg[k] = a.gh[b * GH + k * H + j] + (a.b_hh != nullptr ? load(a.b_hh[k * H + j]) : A(0));
+  }
+  Cell::forward(xg, hg, Cell::kUsesPrevH ? load(a.hin[b * P + j]) : A(0),
+                Cell::kHasCell ? a.c[idx] : A(0), h, c, sv);
+  if (Cell::kHasCell) a.c[idx] = c;
+  if (a.gates != nullptr) {
+#pragma unroll
+    for (int k = 0; k < S; ++k) a.gates[b * S * H + k * H + j] = store<T>(sv[k]);
+  }
+  const T hv = store<T>(h);
+  if (a.m != nullptr) {
+    a.m[idx] = hv;
+  } else {
+    a.hout[b * P + j] = hv;
+    a.y[b * s.ldy + j] = hv;
   }
 }
 
 template <class Cell, class T>
-__global__ void __launch_bounds__(kThreads) backward_step_kernel(const BackwardStep<T> a) {
-  using A = acc_t<T>;
-  constexpr int G = Cell::kGates, S = Cell::kSaved;
-  const int64_t H = a.H, P = a.P;
-  FASTRNN_GRID_STRIDE(idx, a.B * H) {
-    const int64_t b = idx / H, j = idx - b * H;
-    T* dgx = a.dgx + b * a.ldg + j;
-    T* dgh = a.dgh + b * a.ldg + j;
-    if (!valid(a.lengths, b, a.t)) {  // padded: no gradient; dh and dc pass through
-#pragma unroll
-      for (int k = 0; k < G; ++k) {
-        dgx[k * H] = zero<T>();
-        if (Cell::kSplitGrad) dgh[k * H] = zero<T>();
-      }
-      continue;
-    }
-    // Gradient w.r.t. the cell output: through the projection, or dh + dy directly.
-    const A dout = a.dm != nullptr
-                       ? a.dm[idx]
-                       : a.dh[b * P + j] + (a.dy != nullptr ? load(a.dy[b * a.ldy + j]) : A(0));
-    A sv[S], gx[G], gh[G], dhp = A(0);
-#pragma unroll
-    for (int k = 0; k < S; ++k) sv[k] = load(a.gates[b * S * H + k * H + j]);
-    A dcv = Cell::kHasCell ? a.dc[idx] : A(0);
-    Cell::backward(sv, Cell::kUsesPrevH ? load(a.hprev[b * P + j]) : A(0),
-                   Cell::kHasCell ? load(a.cprev[idx]) : A(0), dout, dcv, gx, gh, dhp);
-#pragma unroll
-    for (int k = 0; k < G; ++k) {
-      dgx[k * H] = store<T>(gx[k]);
-      if (Cell::kSplitGrad) dgh[k * H] = store<T>(gh[k]);
-    }
-    if (Cell::kHasCell) a.dc[idx] = dcv;
-    if (a.dm == nullptr) {
-      a.dh[b * P + j] = dhp;  // the GEMM that follows adds dgh W_hh
-    } else if (j < P) {
-      a.dh[b * P + j] = A(0);  // projection (LSTM, no direct part): the GEMM sets it
-    }
+__global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardStep<T> s) {
+  FASTRNN_GRID_STRIDE(idx, s.B * s.H) {
+    if (blockIdx.y == 0)
+      forward_unit<Cell>(s, s.dir[0], idx);
+    else
+      forward_unit<Cell>(s, s.dir[1], idx);
   }
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) project_grad_step_kernel(const ProjectGradStep<T> a) {
+__device__ __forceinline__ void project_unit(const ProjectStep<T>& s, const ProjectStepDir<T>& a,
+                                             int64_t idx) {
+  const int64_t b = idx / s.P, q = idx - b * s.P;
+  if (valid(s.lengths, b, a.t)) {
+    a.y[b * s.ldy + q] = a.hout[idx];
+  } else {
+    a.hout[idx] = a.hin[idx];
+    a.y[b * s.ldy + q] = zero<T>();
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) project_step_kernel(const ProjectStep<T> s) {
+  FASTRNN_GRID_STRIDE(idx, s.B * s.P) {
+    if (blockIdx.y == 0)
+      project_unit(s, s.dir[0], idx);
+    else
+      project_unit(s, s.dir[1], idx);
+  }
+}
+
+template <class Cell, class T>
+__device__ __forceinline__ void backward_unit(const BackwardStep<T>& s,
+                                              const BackwardStepDir<T>& a, int64_t idx) {
   using A = acc_t<T>;
-  FASTRNN_GRID_STRIDE(idx, a.B * a.P) {
-    const int64_t b = idx / a.P, q = idx - b * a.P;
-    a.dhtot[idx] = valid(a.lengths, b, a.t)
-                       ? store<T>(a.dh[idx] + (a.dy != nullptr ? load(a.dy[b * a.ldy + q]) : A(0)))
-                       : zero<T>();
+  constexpr int G = Cell::kGates, S = Cell::kSaved;
+  const int64_t H = s.H, P = s.P, GH = G * H;
+  const int64_t b = idx / H, j = idx - b * H;
+  T* dgx = a.dgx + b * s.ldg + j;
+  T* dgh = a.dgh + b * s.ldg + j;
+  T* dg = a.dg != nullptr ? a.dg + b * GH + j : nullptr;
+  if (!valid(s.lengths, b, a.t)) {  // padded: no gradient; dh and dc pass through
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      dgx[k * H] = zero<T>();
+      if (Cell::kSplitGrad) dgh[k * H] = zero<T>();
+      if (dg != nullptr) dg[k * H] = zero<T>();
+    }
+    return;
+  }
+  // Gradient w.r.t. the cell output: through the projection, or dh + dy directly.
+  const A dout = a.dm != nullptr
+                     ? a.dm[idx]
+                     : a.dh[b * P + j] + (a.dy != nullptr ? load(a.dy[b * s.ldy + j]) : A(0));
+  A sv[S], gx[G], gh[G], dhp = A(0);
+#pragma unroll
+  for (int k = 0; k < S; ++k) sv[k] = load(a.gates[b * S * H + k * H + j]);
+  A dcv = Cell::kHasCell ? a.dc[idx] : A(0);
+  Cell::backward(sv, Cell::kUsesPrevH ? load(a.hprev[b * P + j]) : A(0),
+                 Cell::kHasCell ? load(a.cprev[idx]) : A(0), dout, dcv, gx, gh, dhp);
+#pragma unroll
+  for (int k = 0; k < G; ++k) {
+    dgx[k * H] = store<T>(gx[k]);
+    if (Cell::kSplitGrad) dgh[k * H] = store<T>(gh[k]);
+    if (dg != nullptr) dg[k * H] = store<T>(gh[k]);  // gh == gx unless kSplitGrad
+  }
+  if (Cell::kHasCell) a.dc[idx] = dcv;
+  if (a.dm == nullptr) {
+    a.dh[b * P + j] = dhp;  // the GEMM that follows adds dgh W_hh
+  } else if (j < P) {
+    a.dh[b * P + j] = A(0);  // projection (LSTM, no direct part): the GEMM sets it
+  }
+}
+
+template <class Cell, class T>
+__global__ void __launch_bounds__(kThreads) backward_step_kernel(const BackwardStep<T> s) {
+  FASTRNN_GRID_STRIDE(idx, s.B * s.H) {
+    if (blockIdx.y == 0)
+      backward_unit<Cell>(s, s.dir[0], idx);
+    else
+      backward_unit<Cell>(s, s.dir[1], idx);
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void project_grad_unit(const ProjectGradStep<T>& s,
+                                                  const ProjectGradStepDir<T>& a, int64_t idx) {
+  using A = acc_t<T>;
+  const int64_t b = idx / s.P, q = idx - b * s.P;
+  a.dhtot[idx] = valid(s.lengths, b, a.t)
+                     ? store<T>(a.dh[idx] + (a.dy != nullptr ? load(a.dy[b * s.ldy + q]) : A(0)))
+                     : zero<T>();
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) project_grad_step_kernel(const ProjectGradStep<T> s) {
+  FASTRNN_GRID_STRIDE(idx, s.B * s.P) {
+    if (blockIdx.y == 0)
+      project_grad_unit(s, s.dir[0], idx);
+    else
+      project_grad_unit(s, s.dir[1], idx);
   }
 }
 
@@ -180,9 +225,10 @@ void with_cell(CellKind kind, Fn&& fn) {
 template <class T>
 cudaError_t forward_step(CellKind kind, const ForwardStep<T>& a, cudaStream_t stream) {
   const int64_t n = a.B * a.H;
+  if (a.D < 1 || a.D > kMaxDirs) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   with_cell(kind, [&](auto cell) {
-    forward_step_kernel<decltype(cell), T><<<blocks_for(n), kThreads, 0, stream>>>(a);
+    forward_step_kernel<decltype(cell), T><<<grid_for(n, a.D), kThreads, 0, stream>>>(a);
   });
   return cudaGetLastError();
 }
@@ -190,17 +236,19 @@ cudaError_t forward_step(CellKind kind, const ForwardStep<T>& a, cudaStream_t st
 template <class T>
 cudaError_t project_step(const ProjectStep<T>& a, cudaStream_t stream) {
   const int64_t n = a.B * a.P;
+  if (a.D < 1 || a.D > kMaxDirs) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
-  project_step_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(a);
+  project_step_kernel<T><<<grid_for(n, a.D), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
 template <class T>
 cudaError_t backward_step(CellKind kind, const BackwardStep<T>& a, cudaStream_t stream) {
   const int64_t n = a.B * a.H;
+  if (a.D < 1 || a.D > kMaxDirs) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   with_cell(kind, [&](auto cell) {
-    backward_step_kernel<decltype(cell), T><<<blocks_for(n), kThreads, 0, stream>>>(a);
+    backward_step_kernel<decltype(cell), T><<<grid_for(n, a.D), kThreads, 0, stream>>>(a);
   });
   return cudaGetLastError();
 }
@@ -208,8 +256,9 @@ cudaError_t backward_step(CellKind kind, const BackwardStep<T>& a, cudaStream_t 
 template <class T>
 cudaError_t project_grad_step(const ProjectGradStep<T>& a, cudaStream_t stream) {
   const int64_t n = a.B * a.P;
+  if (a.D < 1 || a.D > kMaxDirs) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
-  project_grad_step_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(a);
+  project_grad_step_kernel<T><<<grid_for(n, a.D), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

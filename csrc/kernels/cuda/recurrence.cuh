@@ -1,12 +1,15 @@
-// CUDA recurrence driver: runs the whole time loop of one layer and direction, forward or
-// backward, for any cell of cells.h. Torch-free: plain CUDA runtime; the caller supplies the
-// GEMM (cuBLAS in the op layer) and the stream.
+// CUDA recurrence driver: runs the whole time loop of one layer, all its directions (one or
+// two) together, forward or backward, for any cell of cells.h. Torch-free: plain CUDA
+// runtime; the caller supplies the GEMM (ATen's batched GEMM in the op layer) and the stream.
 //
 // Scheme: a host loop over the steps. Each step is one GEMM for the recurrent part of the
-// gate pre-activations (h W_hh^T forward, dgh W_hh backward) followed by one pointwise
-// kernel over [B, H] that does the gate math of cells.h, the lengths masking and the state
-// writes; an LSTM projection adds a GEMM and a small kernel over [B, P] per step.
-// Everything runs in order on one stream, so a step's kernels see the previous step's
+// gate pre-activations (h W_hh^T forward, dgh W_hh backward), batched over the directions
+// (a strided-batched GEMM with one matrix per direction), followed by one pointwise kernel
+// over [D, B, H] that does the gate math of cells.h, the lengths masking and the state
+// writes of every direction; an LSTM projection adds one more batched GEMM and one small
+// kernel over [D, B, P] per step. Direction d's step s is at time s, or T-1-s when it runs
+// reversed, so the two directions of a bidirectional layer advance together from opposite
+// ends. Everything runs in order on one stream, so a step's kernels see the previous step's
 // writes without any synchronisation, and the host never waits on the device.
 //
 // Lengths are read by the kernels only (they may live in device memory) and are not
@@ -37,15 +40,18 @@ template <> struct AccOf<__half> { using type = float; };
 template <> struct AccOf<__nv_bfloat16> { using type = float; };
 template <class T> using acc_t = typename AccOf<T>::type;
 
+// A layer has one or two directions.
+constexpr int kMaxDirs = 2;
+
 // ---- per-step kernel arguments ---------------------------------------------------------
-// Pointers are already offset to this step's time slice; shapes are per step.
+// One launch covers the same step s of every direction: the shapes and lengths are shared;
+// each direction has its own time index and pointers, already offset to its time slice
+// (and to its own [B, ...] slice of the workspaces). The kernels run one grid row
+// (blockIdx.y) per direction.
 
 template <class T>
-struct ForwardStep {
-  int64_t B = 0, H = 0, P = 0;
-  int64_t t = 0;                     // time index of the step (masking only)
-  int64_t ldgx = 0, ldy = 0;         // row strides of gx (>= G*H) and y (>= P)
-  const int64_t* lengths = nullptr;  // [B] or nullptr (all valid)
+struct ForwardStepDir {
+  int64_t t = 0;                     // time index of this direction's step (masking only)
   const T* gx = nullptr;             // [B, ldgx] x W_ih^T + b_ih at time t (first G*H used)
   const acc_t<T>* gh = nullptr;      // [B, G*H] h W_hh^T (bias not yet added)
   const T* b_hh = nullptr;           // [G*H] or nullptr
@@ -59,22 +65,36 @@ struct ForwardStep {
   T* hin_copy = nullptr;             // [B, P] out: copy of hin (first step when saving)
 };
 
+template <class T>
+struct ForwardStep {
+  int D = 1;                         // directions in the launch (grid rows)
+  int64_t B = 0, H = 0, P = 0;
+  int64_t ldgx = 0, ldy = 0;         // row strides of gx (>= G*H) and y (>= P)
+  const int64_t* lengths = nullptr;  // [B] or nullptr (all valid)
+  ForwardStepDir<T> dir[kMaxDirs];
+};
+
 // After the projection GEMM wrote hout = m W_hr^T for every row: padded rows take hin back,
 // y gets hout on valid rows and zeros elsewhere.
 template <class T>
-struct ProjectStep {
-  int64_t B = 0, P = 0, t = 0, ldy = 0;
-  const int64_t* lengths = nullptr;
+struct ProjectStepDir {
+  int64_t t = 0;
   const T* hin = nullptr;  // [B, P]
   T* hout = nullptr;       // [B, P]
   T* y = nullptr;          // [B, ldy]
 };
 
 template <class T>
-struct BackwardStep {
-  int64_t B = 0, H = 0, P = 0, t = 0;
-  int64_t ldy = 0, ldg = 0;       // row strides of dy (>= P) and dgx/dgh (>= G*H)
-  const int64_t* lengths = nullptr;
+struct ProjectStep {
+  int D = 1;
+  int64_t B = 0, P = 0, ldy = 0;
+  const int64_t* lengths = nullptr;  // [B] or nullptr
+  ProjectStepDir<T> dir[kMaxDirs];
+};
+
+template <class T>
+struct BackwardStepDir {
+  int64_t t = 0;
   const T* dy = nullptr;          // [B, ldy] dL/dy at t, or nullptr (none, or projection)
   const T* gates = nullptr;       // [B, S*H] saved cell values at t
   const T* hprev = nullptr;       // [B, P] state entering t
@@ -85,20 +105,39 @@ struct BackwardStep {
   acc_t<T>* dc = nullptr;         // [B, H] LSTM, in/out (new -> previous), padded rows untouched
   T* dgx = nullptr;               // [B, ldg] out (first G*H), zero on padded rows
   T* dgh = nullptr;               // [B, ldg] out (GRU only; other cells alias dgx)
+  T* dg = nullptr;                // [B, G*H] out: the recurrent part (dgh) again, packed for
+                                  //   the batched dh GEMM, or nullptr (one direction)
+};
+
+template <class T>
+struct BackwardStep {
+  int D = 1;
+  int64_t B = 0, H = 0, P = 0;
+  int64_t ldy = 0, ldg = 0;       // row strides of dy (>= P) and dgx/dgh (>= G*H)
+  const int64_t* lengths = nullptr;
+  BackwardStepDir<T> dir[kMaxDirs];
 };
 
 // Projection, before the dm GEMM: dhtot = valid ? dh + dy : 0.
 template <class T>
-struct ProjectGradStep {
-  int64_t B = 0, P = 0, t = 0, ldy = 0;
-  const int64_t* lengths = nullptr;
+struct ProjectGradStepDir {
+  int64_t t = 0;
   const T* dy = nullptr;          // [B, ldy] or nullptr
   const acc_t<T>* dh = nullptr;   // [B, P]
   T* dhtot = nullptr;             // [B, P] out
 };
 
+template <class T>
+struct ProjectGradStep {
+  int D = 1;
+  int64_t B = 0, P = 0, ldy = 0;
+  const int64_t* lengths = nullptr;
+  ProjectGradStepDir<T> dir[kMaxDirs];
+};
+
 // ---- kernel launchers (pointwise.cu; instantiated for float, double, __half, bfloat16) --
-// Each enqueues one kernel on `stream` and returns cudaGetLastError().
+// Each enqueues one kernel, covering all a.D directions, on `stream` and returns
+// cudaGetLastError().
 
 template <class T>
 cudaError_t forward_step(CellKind kind, const ForwardStep<T>& a, cudaStream_t stream);
@@ -113,28 +152,43 @@ template <class In, class Out>
 cudaError_t convert(int64_t n, const In* in, Out* out, cudaStream_t stream);
 
 // ---- the driver ------------------------------------------------------------------------
-// The caller provides the GEMM, enqueued on the same stream as the kernels:
-//   gemm(M, N, K, A, lda, W, ldw, trans_w, accumulate, C, ldc)
-//       C[M, N] = A[M, K] op(W) (+ C if accumulate), all row-major; op(W) = W^T when
-//       trans_w (W is then [N, K] with leading dimension ldw), else W ([K, N]).
+// The caller provides the GEMM, batched over the directions and enqueued on the same stream
+// as the kernels:
+//   gemm(D, M, N, K, A, lda, sa, W, ldw, sw, trans_w, accumulate, C, ldc, sc)
+//       for d < D: C_d[M, N] = A_d[M, K] op(W_d) (+ C_d if accumulate), all row-major, with
+//       A_d = A + d * sa, W_d = W + d * sw, C_d = C + d * sc (batch strides in elements,
+//       >= 0; unused when D == 1); op(W) = W^T when trans_w (W_d is then [N, K] with
+//       leading dimension ldw), else W_d ([K, N]).
 //       A and W are const T*; C is acc_t<T>* or T* (a template on C's element type);
 //       products accumulate in acc_t<T> at least.
+//
+// p[0 .. D-1] describe the directions: the same T, B, H, P, ldgx/ldy/ldg and lengths, each
+// with its own pointers and `reverse`. Every per-direction array the GEMMs read or write is
+// one of a [D, ...] stack, so direction 1's pointer lies at a fixed distance after direction
+// 0's (the batch stride): weights [D, ...], h0/h_n [D, B, P], the saved [D, T, B, ...]
+// tensors and the workspaces. (The side-by-side rows of dgx/dgh are not: their two slices
+// of one step can lie in either order, so the backward packs them into a workspace.)
 
 inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
-// Workspace sizes, in elements of acc_t<T> and of T.
+// Workspace sizes for D directions, in elements of acc_t<T> and of T.
 template <class T>
-inline int64_t forward_workspace_acc(const ForwardParams<T>& p, int gates) {
-  return p.B * gates * p.H + p.B * p.H;  // gh, c
+inline int64_t forward_workspace_acc(const ForwardParams<T>& p, int gates, int D) {
+  return D * (p.B * gates * p.H + p.B * p.H);  // gh [D, B, G*H], c [D, B, H]
 }
 template <class T>
-inline int64_t forward_workspace(const ForwardParams<T>& p) {
-  // Ping-pong state and the pre-projection output, when there is nowhere to save them.
-  return p.saving() ? 0 : 2 * p.B * p.P + (p.w_hr ? p.B * p.H : 0);
+inline int64_t forward_workspace(const ForwardParams<T>& p, int D) {
+  // Ping-pong states [D, 2, B, P] and the pre-projection outputs [D, B, H], when there is
+  // nowhere to save them.
+  return p.saving() ? 0 : D * (2 * p.B * p.P + (p.w_hr ? p.B * p.H : 0));
 }
 template <class T>
-inline int64_t backward_workspace_acc(const BackwardParams<T>& p) {
-  return p.B * p.P + 2 * p.B * p.H;  // dh, dc, dm
+inline int64_t backward_workspace_acc(const BackwardParams<T>& p, int D) {
+  return D * (p.B * p.P + 2 * p.B * p.H);  // dh [D, B, P], dc [D, B, H], dm [D, B, H]
+}
+template <class T>
+inline int64_t backward_workspace(const BackwardParams<T>& p, int gates, int D) {
+  return D > 1 ? D * p.B * gates * p.H : 0;  // dg [D, B, G*H] (two directions only)
 }
 
 #define FASTRNN_CUDA_TRY(expr)                  \
@@ -143,115 +197,191 @@ inline int64_t backward_workspace_acc(const BackwardParams<T>& p) {
     if (fastrnn_err_ != cudaSuccess) return fastrnn_err_; \
   } while (0)
 
-// ws_acc: forward_workspace_acc elements; ws: forward_workspace elements.
+// Distance from direction 0's pointer to direction 1's, in elements; 0 for one direction.
+// Both point into the same [D, ...] stack (see above), so the difference is defined.
+template <class Ptr>
+inline int64_t dir_stride(const Ptr (&ptr)[kMaxDirs], int D) {
+  return D > 1 ? static_cast<int64_t>(ptr[1] - ptr[0]) : 0;
+}
+
+// p: D direction params; ws_acc: forward_workspace_acc elements; ws: forward_workspace
+// elements.
 template <class T, class Gemm>
-cudaError_t forward(CellKind kind, const ForwardParams<T>& p, const Gemm& gemm, acc_t<T>* ws_acc,
-                    T* ws, cudaStream_t stream) {
+cudaError_t forward(CellKind kind, const ForwardParams<T>* p, int D, const Gemm& gemm,
+                    acc_t<T>* ws_acc, T* ws, cudaStream_t stream) {
   using A = acc_t<T>;
+  if (D < 1 || D > kMaxDirs) return cudaErrorInvalidValue;
   const int G = gates_of(kind), S = saved_of(kind);
   const bool lstm = kind == CellKind::LSTM;
-  const int64_t Tn = p.T, B = p.B, H = p.H, P = p.P, GH = G * H;
-  const bool proj = p.w_hr != nullptr, saving = p.saving();
-  A* gh = ws_acc;      // [B, G*H]
-  A* c = gh + B * GH;  // [B, H]
-  T* hbuf = ws;        // [2, B, P] (inference)
-  T* mbuf = ws + 2 * B * P;  // [B, H] (inference with projection)
+  const int64_t Tn = p[0].T, B = p[0].B, H = p[0].H, P = p[0].P, GH = G * H;
+  const bool proj = p[0].w_hr != nullptr, saving = p[0].saving();
+  A* gh = ws_acc;          // [D, B, G*H]
+  A* c = gh + D * B * GH;  // [D, B, H]
+  T* hbuf = ws;                  // [D, 2, B, P] (inference)
+  T* mbuf = ws + D * 2 * B * P;  // [D, B, H] (inference with projection)
 
-  // State entering step s (s in [0, T]); step T's "entering" state is the final one.
-  // When saving, the states live in hprev at their time slot, as on the CPU.
-  auto state = [&](int64_t s) -> T* {
-    if (s == Tn) return p.h_n;
-    if (s == 0) return const_cast<T*>(p.h0);
-    return saving ? p.hprev + time_of(s, Tn, p.reverse) * B * P : hbuf + (s % 2) * B * P;
+  // Direction d's state entering step s (s in [0, T]); step T's "entering" state is the
+  // final one. When saving, the states live in hprev at their time slot, as on the CPU.
+  auto state = [&](int d, int64_t s) -> T* {
+    const ForwardParams<T>& q = p[d];
+    if (s == Tn) return q.h_n;
+    if (s == 0) return const_cast<T*>(q.h0);
+    return saving ? q.hprev + time_of(s, Tn, q.reverse) * B * P
+                  : hbuf + (d * 2 + s % 2) * B * P;
   };
 
-  if (lstm) FASTRNN_CUDA_TRY(convert(B * H, p.c0, c, stream));
+  if (lstm) {
+    for (int d = 0; d < D; ++d) FASTRNN_CUDA_TRY(convert(B * H, p[d].c0, c + d * B * H, stream));
+  }
+  const T* w_hh[kMaxDirs] = {p[0].w_hh, p[D - 1].w_hh};
+  const T* w_hr[kMaxDirs] = {p[0].w_hr, p[D - 1].w_hr};
   for (int64_t s = 0; s < Tn; ++s) {
-    const int64_t t = time_of(s, Tn, p.reverse);
-    const T* hin = state(s);
-    T* hout = state(s + 1);
-    gemm(B, GH, P, hin, P, p.w_hh, P, true, false, gh, GH);
-
     ForwardStep<T> a;
-    a.B = B; a.H = H; a.P = P; a.t = t; a.lengths = p.lengths;
-    a.ldgx = p.ldgx; a.ldy = p.ldy;
-    a.gx = p.gx + t * B * p.ldgx;
-    a.gh = gh;
-    a.b_hh = p.b_hh;
-    a.hin = hin;
-    a.hout = proj ? nullptr : hout;
-    a.y = proj ? nullptr : p.y + t * B * p.ldy;
-    a.m = proj ? (saving ? p.m + t * B * H : mbuf) : nullptr;
-    a.c = lstm ? c : nullptr;
-    a.gates = saving ? p.gates + t * B * S * H : nullptr;
-    a.cprev = saving && lstm ? p.cprev + t * B * H : nullptr;
-    a.hin_copy = saving && s == 0 ? p.hprev + t * B * P : nullptr;
+    a.D = D; a.B = B; a.H = H; a.P = P; a.lengths = p[0].lengths;
+    a.ldgx = p[0].ldgx; a.ldy = p[0].ldy;
+    const T* hin[kMaxDirs] = {};
+    T* hout[kMaxDirs] = {};
+    T* m[kMaxDirs] = {};
+    for (int d = 0; d < kMaxDirs; ++d) {
+      const int e = d < D ? d : 0;  // unused slot of a one-direction layer: a copy of 0
+      const ForwardParams<T>& q = p[e];
+      const int64_t t = time_of(s, Tn, q.reverse);
+      hin[d] = state(e, s);
+      hout[d] = state(e, s + 1);
+      m[d] = proj ? (saving ? q.m + t * B * H : mbuf + e * B * H) : nullptr;
+      ForwardStepDir<T>& r = a.dir[d];
+      r.t = t;
+      r.gx = q.gx + t * B * q.ldgx;
+      r.gh = gh + e * B * GH;
+      r.b_hh = q.b_hh;
+      r.hin = hin[d];
+      r.hout = proj ? nullptr : hout[d];
+      r.y = proj ? nullptr : q.y + t * B * q.ldy;
+      r.m = m[d];
+      r.c = lstm ? c + e * B * H : nullptr;
+      r.gates = saving ? q.gates + t * B * S * H : nullptr;
+      r.cprev = saving && lstm ? q.cprev + t * B * H : nullptr;
+      r.hin_copy = saving && s == 0 ? q.hprev + t * B * P : nullptr;
+    }
+    const int64_t s_hin = dir_stride(hin, D), s_hout = dir_stride(hout, D);
+    const int64_t s_m = dir_stride(m, D);
+    if (s_hin < 0 || s_hout < 0 || s_m < 0) return cudaErrorInvalidValue;  // see above
+    gemm(D, B, GH, P, hin[0], P, s_hin, w_hh[0], P, dir_stride(w_hh, D), true, false, gh,
+         GH, B * GH);
     FASTRNN_CUDA_TRY(forward_step(kind, a, stream));
 
     if (proj) {  // h = m W_hr^T, then the masking of the projected state
-      gemm(B, P, H, static_cast<const T*>(a.m), H, p.w_hr, H, true, false, hout, P);
+      gemm(D, B, P, H, static_cast<const T*>(m[0]), H, s_m, w_hr[0], H, dir_stride(w_hr, D),
+           true, false, hout[0], P, s_hout);
       ProjectStep<T> q;
-      q.B = B; q.P = P; q.t = t; q.ldy = p.ldy; q.lengths = p.lengths;
-      q.hin = hin; q.hout = hout; q.y = p.y + t * B * p.ldy;
+      q.D = D; q.B = B; q.P = P; q.ldy = p[0].ldy; q.lengths = p[0].lengths;
+      for (int d = 0; d < kMaxDirs; ++d) {
+        q.dir[d].t = a.dir[d].t;
+        q.dir[d].hin = hin[d];
+        q.dir[d].hout = hout[d];
+        q.dir[d].y = p[d < D ? d : 0].y + a.dir[d].t * B * p[0].ldy;
+      }
       FASTRNN_CUDA_TRY(project_step(q, stream));
     }
   }
-  if (lstm) FASTRNN_CUDA_TRY(convert(B * H, static_cast<const A*>(c), p.c_n, stream));
+  if (lstm) {
+    for (int d = 0; d < D; ++d) {
+      FASTRNN_CUDA_TRY(convert(B * H, static_cast<const A*>(c + d * B * H), p[d].c_n, stream));
+    }
+  }
   return cudaSuccess;
 }
 
-// ws_acc: backward_workspace_acc elements.
+// p: D direction params; ws_acc: backward_workspace_acc elements; ws: backward_workspace
+// elements.
 template <class T, class Gemm>
-cudaError_t backward(CellKind kind, const BackwardParams<T>& p, const Gemm& gemm,
-                     acc_t<T>* ws_acc, cudaStream_t stream) {
+cudaError_t backward(CellKind kind, const BackwardParams<T>* p, int D, const Gemm& gemm,
+                     acc_t<T>* ws_acc, T* ws, cudaStream_t stream) {
   using A = acc_t<T>;
+  if (D < 1 || D > kMaxDirs) return cudaErrorInvalidValue;
   const int G = gates_of(kind), S = saved_of(kind);
   const bool lstm = kind == CellKind::LSTM;
-  const int64_t Tn = p.T, B = p.B, H = p.H, P = p.P, GH = G * H;
-  const bool proj = p.w_hr != nullptr;
-  A* dh = ws_acc;      // [B, P]
-  A* dc = dh + B * P;  // [B, H]
-  A* dm = dc + B * H;  // [B, H]
+  const int64_t Tn = p[0].T, B = p[0].B, H = p[0].H, P = p[0].P, GH = G * H;
+  const bool proj = p[0].w_hr != nullptr;
+  A* dh = ws_acc;          // [D, B, P]
+  A* dc = dh + D * B * P;  // [D, B, H]
+  A* dm = dc + D * B * H;  // [D, B, H]
+  T* dg = ws;              // [D, B, G*H] (two directions)
 
   // Running gradients start at dh_n, dc_n (zero when absent).
-  if (p.dh_n)
-    FASTRNN_CUDA_TRY(convert(B * P, p.dh_n, dh, stream));
-  else
-    FASTRNN_CUDA_TRY(cudaMemsetAsync(dh, 0, B * P * sizeof(A), stream));
-  if (lstm && p.dc_n)
-    FASTRNN_CUDA_TRY(convert(B * H, p.dc_n, dc, stream));
-  else if (lstm)
-    FASTRNN_CUDA_TRY(cudaMemsetAsync(dc, 0, B * H * sizeof(A), stream));
+  for (int d = 0; d < D; ++d) {
+    if (p[d].dh_n)
+      FASTRNN_CUDA_TRY(convert(B * P, p[d].dh_n, dh + d * B * P, stream));
+    else
+      FASTRNN_CUDA_TRY(cudaMemsetAsync(dh + d * B * P, 0, B * P * sizeof(A), stream));
+    if (lstm && p[d].dc_n)
+      FASTRNN_CUDA_TRY(convert(B * H, p[d].dc_n, dc + d * B * H, stream));
+    else if (lstm)
+      FASTRNN_CUDA_TRY(cudaMemsetAsync(dc + d * B * H, 0, B * H * sizeof(A), stream));
+  }
+  const T* w_hh[kMaxDirs] = {p[0].w_hh, p[D - 1].w_hh};
+  const T* w_hr[kMaxDirs] = {p[0].w_hr, p[D - 1].w_hr};
   for (int64_t s = Tn - 1; s >= 0; --s) {
-    const int64_t t = time_of(s, Tn, p.reverse);
-    const T* dy = p.dy ? p.dy + t * B * p.ldy : nullptr;
+    int64_t t[kMaxDirs];
+    const T* dy[kMaxDirs];
+    for (int d = 0; d < kMaxDirs; ++d) {
+      const BackwardParams<T>& q = p[d < D ? d : 0];
+      t[d] = time_of(s, Tn, q.reverse);
+      dy[d] = q.dy ? q.dy + t[d] * B * q.ldy : nullptr;
+    }
     if (proj) {  // dm = (dh + dy) W_hr on valid rows
       ProjectGradStep<T> q;
-      q.B = B; q.P = P; q.t = t; q.ldy = p.ldy; q.lengths = p.lengths;
-      q.dy = dy; q.dh = dh; q.dhtot = p.dhtot + t * B * P;
+      q.D = D; q.B = B; q.P = P; q.ldy = p[0].ldy; q.lengths = p[0].lengths;
+      T* dhtot[kMaxDirs];
+      for (int d = 0; d < kMaxDirs; ++d) {
+        const int e = d < D ? d : 0;
+        dhtot[d] = p[e].dhtot + t[d] * B * P;
+        q.dir[d].t = t[d];
+        q.dir[d].dy = dy[d];
+        q.dir[d].dh = dh + e * B * P;
+        q.dir[d].dhtot = dhtot[d];
+      }
+      const int64_t s_dhtot = dir_stride(dhtot, D);
+      if (s_dhtot < 0) return cudaErrorInvalidValue;
       FASTRNN_CUDA_TRY(project_grad_step(q, stream));
-      gemm(B, H, P, static_cast<const T*>(q.dhtot), P, p.w_hr, H, false, false, dm, H);
+      gemm(D, B, H, P, static_cast<const T*>(dhtot[0]), P, s_dhtot, w_hr[0], H,
+           dir_stride(w_hr, D), false, false, dm, H, B * H);
     }
 
     BackwardStep<T> a;
-    a.B = B; a.H = H; a.P = P; a.t = t; a.lengths = p.lengths;
-    a.ldy = p.ldy; a.ldg = p.ldg;
-    a.dy = proj ? nullptr : dy;
-    a.gates = p.gates + t * B * S * H;
-    a.hprev = p.hprev + t * B * P;
-    a.cprev = lstm ? p.cprev + t * B * H : nullptr;
-    a.dm = proj ? dm : nullptr;
-    a.dh = dh;
-    a.dc = lstm ? dc : nullptr;
-    a.dgx = p.dgx + t * B * p.ldg;
-    a.dgh = p.dgh + t * B * p.ldg;
+    a.D = D; a.B = B; a.H = H; a.P = P; a.lengths = p[0].lengths;
+    a.ldy = p[0].ldy; a.ldg = p[0].ldg;
+    for (int d = 0; d < kMaxDirs; ++d) {
+      const int e = d < D ? d : 0;
+      const BackwardParams<T>& q = p[e];
+      BackwardStepDir<T>& r = a.dir[d];
+      r.t = t[d];
+      r.dy = proj ? nullptr : dy[d];
+      r.gates = q.gates + t[d] * B * S * H;
+      r.hprev = q.hprev + t[d] * B * P;
+      r.cprev = lstm ? q.cprev + t[d] * B * H : nullptr;
+      r.dm = proj ? dm + e * B * H : nullptr;
+      r.dh = dh + e * B * P;
+      r.dc = lstm ? dc + e * B * H : nullptr;
+      r.dgx = q.dgx + t[d] * B * q.ldg;
+      r.dgh = q.dgh + t[d] * B * q.ldg;
+      r.dg = D > 1 ? dg + e * B * GH : nullptr;
+    }
     FASTRNN_CUDA_TRY(backward_step(kind, a, stream));
 
     // dh_prev = direct part + dgh W_hh. Padded rows have dgh = 0 and keep dh unchanged.
-    gemm(B, P, GH, static_cast<const T*>(a.dgh), p.ldg, p.w_hh, P, false, true, dh, P);
+    // One direction reads dgh where it lies; two read the packed copy (their slices of
+    // dgh lie in either order, which no batch stride >= 0 describes).
+    const T* dgh0 = D > 1 ? static_cast<const T*>(dg) : a.dir[0].dgh;
+    gemm(D, B, P, GH, dgh0, D > 1 ? GH : p[0].ldg, B * GH, w_hh[0], P, dir_stride(w_hh, D),
+         false, true, dh, P, B * P);
   }
-  FASTRNN_CUDA_TRY(convert(B * P, static_cast<const A*>(dh), p.dh0, stream));
-  if (lstm) FASTRNN_CUDA_TRY(convert(B * H, static_cast<const A*>(dc), p.dc0, stream));
+  for (int d = 0; d < D; ++d) {
+    FASTRNN_CUDA_TRY(convert(B * P, static_cast<const A*>(dh + d * B * P), p[d].dh0, stream));
+    if (lstm) {
+      FASTRNN_CUDA_TRY(convert(B * H, static_cast<const A*>(dc + d * B * H), p[d].dc0, stream));
+    }
+  }
   return cudaSuccess;
 }
 
