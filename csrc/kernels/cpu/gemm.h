@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 
@@ -198,11 +199,14 @@ struct Gemm {
           const T* ahead = a + (k0 + std::min(k + 4, kc - 1)) * aks;
           for (int64_t m = 0; m < std::min<int64_t>(M, 64); m += 64 / sizeof(T))
             __builtin_prefetch(ahead + m * ars);
-          for (int64_t r0 = 0; r0 < M; r0 += MR) {
-            T* dst = a_packed.data + r0 * kc + k * MR;
-            const T* src = a + r0 * ars + (k0 + k) * aks;
-            for (int64_t r = 0; r < std::min<int64_t>(MR, M - r0); ++r) dst[r] = src[r * ars];
-          }
+          const T* src = a + (k0 + k) * aks;
+          T* dst = a_packed.data + k * MR;  // tile r0 at dst + r0 * kc
+          int64_t r0 = 0;
+          if (ars == 1)  // whole tiles: one fixed-size copy (a vector move) each
+            for (; r0 + MR <= M; r0 += MR) std::memcpy(dst + r0 * kc, src + r0, MR * sizeof(T));
+          for (; r0 < M; r0 += MR)
+            for (int64_t r = 0; r < std::min<int64_t>(MR, M - r0); ++r)
+              dst[r0 * kc + r] = src[(r0 + r) * ars];
         }
       for (int64_t j = 0; j < nblocks; ++j) {
         const int64_t q0 = p0 + (p1 - p0) * j / nblocks, q1 = p0 + (p1 - p0) * (j + 1) / nblocks;
