@@ -19,7 +19,6 @@ percentage of the faster of torch.mm and oneDNN on that shape.
 import argparse
 import datetime
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_rnn import (CELLS, CHECK_TOL, DTYPES, GATES, cpu_model, load_average,  # noqa: E402
-                       parse_list, parse_shapes, time_interleaved, try_onednn_matmul)
+                       parse_list, parse_shapes, save_json, time_interleaved, try_onednn_matmul)
 
 IMPLS = ("torch.mm", "oneDNN", "fastrnn")
 CPU = torch.device("cpu")
@@ -180,11 +179,7 @@ def main(argv=None):
     for note in sorted({f"{impl}: {n}" for r in rows for impl, n in r["notes"].items()}):
         print(f"# {note}")
     info["loadavg_end"] = load_average()
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(dict(machine=info, rows=rows), f, indent=1)
-        print(f"# wrote {args.json}")
+    save_json(args.json, info, rows)
     if wrong:
         print("error: a GEMM disagrees with torch.mm, see the WRONG entries", file=sys.stderr)
         return 1

@@ -465,6 +465,16 @@ def parse_list(choices):
     return parse
 
 
+def save_json(path, info, rows):
+    """Write the machine info and every row to `path` ('' or None: nothing)."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(machine=info, rows=rows), f, indent=1)
+    print(f"# wrote {path}")
+
+
 def main(argv=None):
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -540,11 +550,7 @@ def main(argv=None):
         sys.stdout.flush()
 
     info["loadavg_end"] = load_average()
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(dict(machine=info, rows=rows), f, indent=1)
-        print(f"# wrote {args.json}")
+    save_json(args.json, info, rows)
     if args.png:
         os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
         plot(rows, args.png, f"fastrnn vs torch.nn, {args.dtype}, {info['threads']} threads, "
