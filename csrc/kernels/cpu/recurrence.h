@@ -125,7 +125,7 @@ struct StepIo {
   T* yt;           // [B, ldy] this step's output rows, caller's row order
   int64_t row0;    // t * B: flat row of batch row 0 at this step in gx, gates, m
   int64_t next0;   // the same for the next step, or -1 after the last
-  const int64_t* order;
+  const int64_t* order;  // [Bn] batch row of schedule row i
   const T* bias;   // [G*H] b_hh (or zeros)
   bool save, proj;
 };
