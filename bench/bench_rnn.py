@@ -490,6 +490,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--cpu-kernels", help="fastrnn's CPU instruction set: avx512, avx2 or portable "
+                   "(default: the best this CPU supports); measures another CPU's code path here")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per case; the median is reported")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs of each module before timing")
     p.add_argument("--peak-n", type=int, help="size of the square GEMM (torch.mm and oneDNN) for the peak "
@@ -504,6 +506,9 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_kernels and not fastrnn.ops._C.set_cpu_kernels(args.cpu_kernels):
+        p.error(f"--cpu-kernels {args.cpu_kernels}: this CPU runs only "
+                f"{', '.join(fastrnn.ops._C.supported_cpu_kernels())}")
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
@@ -518,6 +523,7 @@ def main(argv=None):
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         command=" ".join([os.path.basename(sys.executable), sys.argv[0]] + (sys.argv[1:] if argv is None else argv)),
         cpu=cpu_model(), threads=torch.get_num_threads(), device=str(device),
+        cpu_kernels=fastrnn.ops._C.cpu_kernels(),
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         dtype=args.dtype, torch=torch.__version__, python=platform.python_version(),
         fastrnn=fastrnn_version(), fastrnn_path=os.path.dirname(fastrnn.__file__),
@@ -529,7 +535,8 @@ def main(argv=None):
     )
     onednn_text = f"{gemm['onednn']:.1f}" if gemm["onednn"] is not None else gemm["onednn_note"]
     print(f"# {machine_name(info)} | {info['threads']} threads | {args.dtype} on {device} | "
-          f"torch {info['torch']} | fastrnn {info['fastrnn']} ({info['fastrnn_path']})")
+          f"torch {info['torch']} | fastrnn {info['fastrnn']} ({info['fastrnn_path']}), "
+          f"CPU kernels {info['cpu_kernels']}")
     print(f"# GEMM {args.peak_n}^3 GFLOP/s: torch.mm {gemm['mm']:.1f}, oneDNN matmul {onednn_text} | "
           f"peak = {gemm['source']} {peak:.1f} GFLOP/s (the %peak denominator)")
     print(f"# theoretical FMA peak: {theo_line}")

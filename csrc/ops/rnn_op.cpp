@@ -47,8 +47,8 @@ at::Tensor scratch(Scratch slot, at::IntArrayRef shape, const at::TensorOptions&
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {},
                 at::Tensor out = {}) {
   if (a.is_cuda()) {
-    at::Tensor r = bias.defined() ? at::addmm(bias, a, b) : at::mm(a, b);
-    return out.defined() ? out.copy_(r) : r;
+    if (!out.defined()) return bias.defined() ? at::addmm(bias, a, b) : at::mm(a, b);
+    return bias.defined() ? at::addmm_out(out, bias, a, b) : at::mm_out(out, a, b);
   }
   if (!out.defined()) out = at::empty({a.size(0), b.size(1)}, a.options());
   cpu_matmul_out(out, a, b, bias.defined() ? bias.contiguous() : bias, false);
