@@ -52,26 +52,51 @@ struct Panels {
   const T* panel(int64_t p) const { return data + p * K * width; }
 };
 
-// Packs panels [p0, p1) of op(B) into out (laid out as a whole Panels of `width`).
-// Blocks of 16 k keep both the reads and the writes of a transposed B within a few
-// cache lines.
-template <class T>
+// dst[k * ldd + l] = src[l * ld + k] for k < K, l < L (L = V::kLanes): `rows` rows of src
+// (rows <= L) become one L-wide column block of dst, zero in lanes [rows, L). Full blocks
+// go through L x L register transposes; the edges are copied one value at a time.
+template <class V, class T>
+void transpose_pack(const T* src, int64_t ld, int64_t rows, int64_t K, T* dst, int64_t ldd) {
+  constexpr int L = V::kLanes;
+  int64_t k = 0;
+  if (rows == L) {
+    for (; k + L <= K; k += L) {
+      V v[L];
+#pragma GCC unroll 16
+      for (int r = 0; r < L; ++r) v[r] = V::load(src + r * ld + k);
+      transpose(v);
+#pragma GCC unroll 16
+      for (int r = 0; r < L; ++r) v[r].store(dst + (k + r) * ldd);
+    }
+  }
+  for (; k < K; ++k)
+    for (int l = 0; l < L; ++l) dst[k * ldd + l] = l < rows ? src[l * ld + k] : T(0);
+}
+
+// Packs panels [p0, p1) of op(B) into out (laid out as a whole Panels of `width`, a
+// multiple of V's lanes). A B read along k (bk == 1, e.g. W^T of a row-major W) is
+// transposed L columns at a time; otherwise rows of B are copied along n.
+template <class V, class T>
 void pack_panels(const T* b, int64_t bk, int64_t bn, int64_t K, int64_t N, int64_t width,
                  int64_t p0, int64_t p1, T* out) {
+  constexpr int L = V::kLanes;
   for (int64_t p = p0; p < p1; ++p) {
     T* dst = out + p * K * width;
     const int64_t n0 = p * width, nw = std::min(width, N - n0);
-    for (int64_t k0 = 0; k0 < K; k0 += 16) {
-      const int64_t kb = std::min<int64_t>(16, K - k0);
+    if (bk == 1 && bn != 1) {
+      for (int64_t j = 0; j < width; j += L)
+        transpose_pack<V>(b + (n0 + j) * bn, bn, std::clamp<int64_t>(nw - j, 0, L), K, dst + j,
+                          width);
+      continue;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      T* row = dst + k * width;
       if (bn == 1) {
-        for (int64_t k = k0; k < k0 + kb; ++k) std::copy_n(b + k * bk + n0, nw, dst + k * width);
+        std::copy_n(b + k * bk + n0, nw, row);
       } else {
-        for (int64_t j = 0; j < nw; ++j) {
-          const T* src = b + (n0 + j) * bn + k0 * bk;
-          for (int64_t k = 0; k < kb; ++k) dst[(k0 + k) * width + j] = src[k * bk];
-        }
+        for (int64_t j = 0; j < nw; ++j) row[j] = b[k * bk + (n0 + j) * bn];
       }
-      for (int64_t k = k0; k < k0 + kb; ++k) std::fill(dst + k * width + nw, dst + (k + 1) * width, T(0));
+      std::fill(row + nw, row + width, T(0));
     }
   }
 }
@@ -83,16 +108,19 @@ FASTRNN_INLINE void tile_acc(int64_t K, const T* a, int64_t ars, int64_t aks, co
                              V (&acc)[MR][NV]) {
   constexpr int L = V::kLanes, W = NV * L;
   for (int64_t k = 0; k < K; ++k, panel += W, a += aks) {
-    // The panel streams from L2: ask for its lines a few k ahead.
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) __builtin_prefetch(panel + 8 * W + v * L);
+    // The panel streams from L2: ask for its lines a few k ahead. (With one or two rows
+    // the loads outnumber the FMAs and the hardware prefetcher keeps up on its own.)
+    if constexpr (MR > 2) {
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) __builtin_prefetch(panel + 8 * W + v * L);
+    }
     V b[NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) b[v] = V::load(panel + v * L);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const V ar(a[r * ars]);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[r][v] = ar * b[v] + acc[r][v];
     }
   }
@@ -260,7 +288,7 @@ void parallel_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int
 #pragma omp parallel num_threads(nt) if (nt > 1 && work > (1 << 18))
   {
     const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-    pack_panels(b, bk, bn, K, N, G::kWidth, panels * tid / n, panels * (tid + 1) / n,
+    pack_panels<typename G::V>(b, bk, bn, K, N, G::kWidth, panels * tid / n, panels * (tid + 1) / n,
                 const_cast<T*>(B.data));
 #pragma omp barrier
     for (int64_t t = tasks * tid / n; t < tasks * (tid + 1) / n; ++t) {

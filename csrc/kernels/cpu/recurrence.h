@@ -7,7 +7,9 @@
 // hidden units across all gates and keeps its slice of W_hh packed in its own cache.
 // Forward, one pass per tile: the accumulators of MR rows x (all G gates of L units) run
 // the K loop and then the cell's gate math (cells.h on Vec lanes) before they leave the
-// registers; h, c and the saved values are written once. The team meets once per step at
+// registers; h, c and the saved values are written once. A batch of one to three rows
+// takes wider tiles (several unit blocks at once, Isa::narrow_blocks) so the few rows
+// still give enough independent FMA chains. The team meets once per step at
 // a spin barrier (twice with a projection). Row split: each thread runs its own share of
 // the batch rows with the whole W_hh and no barrier.
 #pragma once
@@ -39,6 +41,17 @@ struct Isa {
   template <class T> using Gemm = cpu::Gemm<T, kLanes<T>, GemmMR, GemmNV>;
   // Rows of the fused forward tile of a cell with G gates: G * MR accumulators.
   static constexpr int rows_for(int G) { return std::max(1, std::min(8, AccRegs / G)); }
+  // Small batches: with one or two rows, G accumulators are too few independent FMA chains
+  // to hide the FMA latency, so the tile also spans NB unit blocks (the fewest, a power
+  // of two, giving at least 8 chains per row) and as many rows as the registers allow.
+  static constexpr int narrow_blocks(int G) {
+    int nb = 1;
+    while (nb * G < 8) nb *= 2;
+    return nb;
+  }
+  static constexpr int narrow_rows(int G) {
+    return std::max(1, std::min(8, AccRegs / (narrow_blocks(G) * G)));
+  }
 };
 
 class SpinBarrier {
@@ -89,28 +102,20 @@ inline Range split(int64_t n, int parts, int k) {
 
 inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
-// W_hh rows of units [j0, j0 + hs), packed for the fused tile: block u (units
-// j0 + u*L ...) is a panel [P][G][L] holding W_hh[g*H + j0 + u*L + l][k] at (k, g, l),
-// zero past hs. w_hh: [G*H, P]; out: [ceil(hs / L)][P][G][L].
-template <int G, int L, class T>
+// W_hh rows of units [j0, j0 + hs), packed for the fused tile in blocks of NB * L units:
+// block u (units j0 + u*NB*L ...) is a panel [P][NB][G][L] holding W_hh[g*H + j][k] at
+// (k, b, g, l) for unit j = j0 + (u*NB + b)*L + l, zero past hs.
+// w_hh: [G*H, P]; out: [ceil(hs / (NB*L))][P][NB][G][L].
+template <int G, int NB, class V, class T>
 void pack_gates(const T* w_hh, int64_t H, int64_t P, int64_t j0, int64_t hs, T* out) {
-  for (int64_t u = 0; u * L < hs; ++u) {
-    T* panel = out + u * P * G * L;
-    for (int64_t k0 = 0; k0 < P; k0 += 16) {  // 16 k at a time: reads and writes stay in L1
-      const int64_t kb = std::min<int64_t>(16, P - k0);
-      for (int g = 0; g < G; ++g)
-        for (int l = 0; l < L; ++l) {
-          const int64_t j = u * L + l;
-          T* dst = panel + (k0 * G + g) * L + l;
-          if (j < hs) {
-            const T* src = w_hh + (g * H + j0 + j) * P + k0;
-            for (int64_t k = 0; k < kb; ++k) dst[k * G * L] = src[k];
-          } else {
-            for (int64_t k = 0; k < kb; ++k) dst[k * G * L] = T(0);
-          }
-        }
-    }
-  }
+  constexpr int L = V::kLanes, W = NB * G * L;  // values per k in a panel
+  for (int64_t u = 0; u * NB * L < hs; ++u)
+    for (int b = 0; b < NB; ++b)
+      for (int g = 0; g < G; ++g) {
+        const int64_t j = (u * NB + b) * L;  // first unit of this L-wide column block
+        transpose_pack<V>(w_hh + (g * H + j0 + j) * P, P, std::clamp<int64_t>(hs - j, 0, L), P,
+                          out + u * P * W + (b * G + g) * L, W);
+      }
 }
 
 // What the fused tiles of one step read and write. Rows are in schedule order: row i is
@@ -130,53 +135,60 @@ struct StepIo {
   bool save, proj;
 };
 
-// One fused tile: rows [i0, i0 + MR) x all G gates of units [u0, u0 + nu) (nu <= L).
-// The K loop accumulates h W_hh^T in registers; the gate math then runs on the
-// accumulators and writes h (to y, or to mbuf for the projection), c and the saved values.
-template <class Cell, int MR, class V, class T>
+// One fused tile: rows [i0, i0 + MR) x all G gates of units [u0, u0 + nu) (nu <= NB*L),
+// from one panel of pack_gates. The K loop accumulates h W_hh^T in registers; the gate
+// math then runs on the accumulators and writes h (to y, or to mbuf for the projection),
+// c and the saved values.
+template <class Cell, int MR, int NB, class V, class T>
 FASTRNN_INLINE void fused_tile(const ForwardParams<T>& p, const StepIo<T>& io, const T* panel,
-                               int64_t i0, int64_t u0, int nu) {
+                               int64_t i0, int64_t u0, int64_t nu) {
   constexpr int G = Cell::kGates, S = Cell::kSaved, L = V::kLanes;
   const int64_t H = p.H, P = p.P;
-  V acc[MR][G];
+  V acc[MR][NB * G];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) acc[r][g] = V(T(0));
-  tile_acc<MR, G>(P, io.hin + i0 * P, P, 1, panel, acc);
+#pragma GCC unroll 16
+    for (int v = 0; v < NB * G; ++v) acc[r][v] = V(T(0));
+  tile_acc<MR, NB * G>(P, io.hin + i0 * P, P, 1, panel, acc);
 
-  const bool full = nu == L;
-  auto load = [full, nu](const T* q) { return full ? V::load(q) : V::load(q, nu); };
-  auto store = [full, nu](V v, T* q) { full ? v.store(q) : v.store(q, nu); };
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    const int64_t i = i0 + r, b = io.order[i], row = io.row0 + b;
-    const T* x = p.gx + row * p.ldgx + u0;
-    V xg[G], hg[G], sv[S], h, c(T(0));
+  for (int b = 0; b < NB; ++b) {
+    const int64_t ub = u0 + b * L;  // first unit of this column block
+    const int n = static_cast<int>(std::min<int64_t>(L, u0 + nu - ub));
+    if (n <= 0) break;
+    const bool full = n == L;
+    auto load = [full, n](const T* q) { return full ? V::load(q) : V::load(q, n); };
+    auto store = [full, n](V v, T* q) { full ? v.store(q) : v.store(q, n); };
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const int64_t i = i0 + r, bi = io.order[i], row = io.row0 + bi;
+      const T* x = p.gx + row * p.ldgx + ub;
+      V xg[G], hg[G], sv[S], h, c(T(0));
 #pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) {
-      xg[g] = load(x + g * H);
-      hg[g] = acc[r][g] + load(io.bias + g * H + u0);
-    }
-    if (io.next0 >= 0) {  // the same units of the next step's input projection, from memory
-      const T* xn = p.gx + (io.next0 + b) * p.ldgx + u0;
+      for (int g = 0; g < G; ++g) {
+        xg[g] = load(x + g * H);
+        hg[g] = acc[r][b * G + g] + load(io.bias + g * H + ub);
+      }
+      if (io.next0 >= 0) {  // the same units of the next step's input projection, from memory
+        const T* xn = p.gx + (io.next0 + bi) * p.ldgx + ub;
 #pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) __builtin_prefetch(xn + g * H);
-    }
-    const V hp = Cell::kUsesPrevH ? load(io.hin + i * P + u0) : V(T(0));
-    const V cp = Cell::kHasCell ? load(io.cin + i * H + u0) : V(T(0));
-    Cell::forward(xg, hg, hp, cp, h, c, sv);
-    if (io.proj) {
-      store(h, io.mbuf + i * H + u0);
-      if (io.save) store(h, p.m + row * H + u0);
-    } else {
-      store(h, io.hout + i * P + u0);
-      store(h, io.yt + b * p.ldy + u0);
-    }
-    if constexpr (Cell::kHasCell) store(c, io.cout + i * H + u0);
-    if (io.save) {
+        for (int g = 0; g < G; ++g) __builtin_prefetch(xn + g * H);
+      }
+      const V hp = Cell::kUsesPrevH ? load(io.hin + i * P + ub) : V(T(0));
+      const V cp = Cell::kHasCell ? load(io.cin + i * H + ub) : V(T(0));
+      Cell::forward(xg, hg, hp, cp, h, c, sv);
+      if (io.proj) {
+        store(h, io.mbuf + i * H + ub);
+        if (io.save) store(h, p.m + row * H + ub);
+      } else {
+        store(h, io.hout + i * P + ub);
+        store(h, io.yt + bi * p.ldy + ub);
+      }
+      if constexpr (Cell::kHasCell) store(c, io.cout + i * H + ub);
+      if (io.save) {
 #pragma GCC unroll 4
-      for (int k = 0; k < S; ++k) store(sv[k], p.gates + row * S * H + k * H + u0);
+        for (int k = 0; k < S; ++k) store(sv[k], p.gates + row * S * H + k * H + ub);
+      }
     }
   }
 }
@@ -252,16 +264,23 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
     for (int k = 0; k < G; ++k) std::fill(zeros + k * H + j0, zeros + k * H + j1, T(0));
 
   // This thread's slice of W_hh, packed once for the whole sequence, and of W_hr^T
-  // (op(B)[k, n] = W_hr[p0 + n, k], K = H, N = ps).
-  const int64_t blocks = (hs + L - 1) / L;
+  // (op(B)[k, n] = W_hr[p0 + n, k], K = H, N = ps). A batch of at most narrow_rows rows
+  // (all of B: the choice must not depend on the thread split) takes the narrow tiles.
+  constexpr int NBn = Isa::narrow_blocks(G), MRn = Isa::narrow_rows(G);
+  const bool narrow = B <= MRn;
+  const int64_t width = (narrow ? NBn : 1) * L;  // units per panel
+  const int64_t blocks = (hs + width - 1) / width;
   Buffer<T> w_rec;
-  w_rec.resize(std::max<int64_t>(1, blocks * P * G * L));
-  pack_gates<G, L>(p.w_hh, H, P, j0, hs, w_rec.data);
+  w_rec.resize(std::max<int64_t>(1, blocks * P * G * width));
+  if (narrow)
+    pack_gates<G, NBn, V>(p.w_hh, H, P, j0, hs, w_rec.data);
+  else
+    pack_gates<G, 1, V>(p.w_hh, H, P, j0, hs, w_rec.data);
   Buffer<T> w_proj_mem;
   Panels<T> w_proj{nullptr, H, proj ? ps : 0, Gemm::kWidth};
   if (w_proj.N > 0) {
     w_proj_mem.resize(w_proj.count() * H * Gemm::kWidth);
-    pack_panels(p.w_hr + p0 * H, 1, H, H, ps, Gemm::kWidth, 0, w_proj.count(), w_proj_mem.data);
+    pack_panels<V>(p.w_hr + p0 * H, 1, H, H, ps, Gemm::kWidth, 0, w_proj.count(), w_proj_mem.data);
     w_proj.data = w_proj_mem.data;
   }
 
@@ -283,13 +302,18 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
     // The running rows (a prefix): fused tiles, unit block by unit block so each block's
     // panel is reused by every row tile while it is in L1/L2.
     for (int64_t u = 0; u < blocks; ++u) {
-      const T* panel = w_rec.data + u * P * G * L;
-      const int64_t u0 = j0 + u * L;
-      const int nu = static_cast<int>(std::min<int64_t>(L, j1 - u0));
+      const T* panel = w_rec.data + u * P * G * width;
+      const int64_t u0 = j0 + u * width, nu = std::min(width, j1 - u0);
+      if (narrow) {
+        with_rows<MRn>(n, [&](auto rows) {
+          fused_tile<Cell, decltype(rows)::value, NBn, V>(p, io, panel, 0, u0, nu);
+        });
+        continue;
+      }
       int64_t i0 = 0;
-      for (; i0 + MR <= n; i0 += MR) fused_tile<Cell, MR, V>(p, io, panel, i0, u0, nu);
+      for (; i0 + MR <= n; i0 += MR) fused_tile<Cell, MR, 1, V>(p, io, panel, i0, u0, nu);
       with_rows<MR - 1>(n - i0, [&](auto rows) {
-        fused_tile<Cell, decltype(rows)::value, V>(p, io, panel, i0, u0, nu);
+        fused_tile<Cell, decltype(rows)::value, 1, V>(p, io, panel, i0, u0, nu);
       });
     }
 
@@ -333,6 +357,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
 
 template <class Cell, class Isa, class T>
 void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, const Team& team) {
+  using V = typename Isa::template V<T>;
   using Gemm = typename Isa::template Gemm<T>;
   constexpr int G = Cell::kGates, S = Cell::kSaved;
   const int64_t Tn = p.T, B = p.B, H = p.H, P = p.P, GH = G * H;
@@ -356,12 +381,12 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
   Panels<T> w_rec{nullptr, GH, ps, Gemm::kWidth}, w_proj{nullptr, P, proj ? hs : 0, Gemm::kWidth};
   if (w_rec.N > 0) {
     w_rec_mem.resize(w_rec.count() * GH * Gemm::kWidth);
-    pack_panels(p.w_hh + p0, P, 1, GH, ps, Gemm::kWidth, 0, w_rec.count(), w_rec_mem.data);
+    pack_panels<V>(p.w_hh + p0, P, 1, GH, ps, Gemm::kWidth, 0, w_rec.count(), w_rec_mem.data);
     w_rec.data = w_rec_mem.data;
   }
   if (w_proj.N > 0) {
     w_proj_mem.resize(w_proj.count() * P * Gemm::kWidth);
-    pack_panels(p.w_hr + j0, H, 1, P, hs, Gemm::kWidth, 0, w_proj.count(), w_proj_mem.data);
+    pack_panels<V>(p.w_hr + j0, H, 1, P, hs, Gemm::kWidth, 0, w_proj.count(), w_proj_mem.data);
     w_proj.data = w_proj_mem.data;
   }
 

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #define FASTRNN_INLINE inline __attribute__((always_inline))
 
@@ -79,6 +80,34 @@ struct Vec {
   FASTRNN_INLINE friend Vec operator-(Vec a) { return of(-a.v); }
   FASTRNN_INLINE Vec& operator+=(Vec b) { v += b.v; return *this; }
 };
+
+// In-register transpose of an N x N block held as N vectors (row r in v[r]): stages of
+// block width W = N/2 .. 1, each swapping the off-diagonal W x W blocks of every 2W x 2W
+// block, N log2 N two-source shuffles in all. Packing transposes weights with it.
+template <int W, class Raw, size_t... I>
+FASTRNN_INLINE Raw shuffle_lo(Raw a, Raw b, std::index_sequence<I...>) {
+  constexpr int N = sizeof...(I);
+  return __builtin_shufflevector(a, b, ((I / W) % 2 == 0 ? int(I) : int(N + I - W))...);
+}
+template <int W, class Raw, size_t... I>
+FASTRNN_INLINE Raw shuffle_hi(Raw a, Raw b, std::index_sequence<I...>) {
+  constexpr int N = sizeof...(I);
+  return __builtin_shufflevector(a, b, ((I / W) % 2 == 0 ? int(I + W) : int(N + I))...);
+}
+template <int W = 0, class T, int N>
+FASTRNN_INLINE void transpose(Vec<T, N> (&v)[N]) {
+  constexpr int w = W == 0 ? N / 2 : W;
+  if constexpr (w >= 1) {
+#pragma GCC unroll 16
+    for (int r = 0; r < N; ++r) {
+      if ((r / w) % 2) continue;
+      const auto a = v[r].v, b = v[r + w].v;
+      v[r].v = shuffle_lo<w>(a, b, std::make_index_sequence<N>{});
+      v[r + w].v = shuffle_hi<w>(a, b, std::make_index_sequence<N>{});
+    }
+    if constexpr (w > 1) transpose<w / 2>(v);
+  }
+}
 
 // a > b ? x : y, lane by lane.
 template <class T, int N>
