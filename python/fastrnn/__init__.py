@@ -2,6 +2,10 @@
 from . import functional, reference
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from .convert import convert, to_torch
+from .onnx import _register_when_onnxscript_loads
+
+# torch.onnx.export then turns fastrnn layers into ONNX LSTM/GRU/RNN nodes (see onnx.py).
+_register_when_onnxscript_loads()
 
 __all__ = [
     "functional", "reference",
