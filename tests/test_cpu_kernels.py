@@ -69,7 +69,7 @@ def test_float32_matches_reference(isa, cell):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 5, 3), (13, 300, 50), (64, 33, 97),
-                                   (600, 70, 130), (3, 0, 4)])
+                                   (600, 70, 130), (3, 0, 4), (40, 520, 256)])
 @pytest.mark.parametrize("layout", ["nn", "tn", "nt", "tt"])
 def test_mm_matches_torch(isa, dtype, M, K, N, layout):
     g = torch.Generator().manual_seed(M * 1000 + K * 10 + N)

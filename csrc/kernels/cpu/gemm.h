@@ -195,6 +195,10 @@ template <class T, int L, int MR, int NV>
 struct Gemm {
   using V = Vec<T, L>;
   static constexpr int kWidth = NV * L;  // panel width
+  // The same register budget one vector wider (8x3 -> 6x4 on AVX-512): for an N that is a
+  // multiple of its width and not of ours (256, 512, ...), no column of the last panel is
+  // computed only to be dropped.
+  using Wider = Gemm<T, L, std::max(1, MR * NV / (NV + 1)), NV + 1>;
   static constexpr int64_t kKc = 512;
   static constexpr int64_t kBlock =
       std::max<int64_t>(1, (512 * 1024) / (kKc * kWidth * static_cast<int64_t>(sizeof(T))));
@@ -300,6 +304,19 @@ void parallel_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int
       }
     }
   }
+}
+
+// parallel_gemm with G or G::Wider, whichever pads N less (G on a tie).
+template <class G, class T>
+void parallel_gemm_fit(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int64_t aks,
+                       const T* b, int64_t bk, int64_t bn, T beta, const T* bias, T* c,
+                       int64_t ldc, int threads) {
+  using W = typename G::Wider;
+  auto padding = [N](int64_t width) { return (N + width - 1) / width * width - N; };
+  if (padding(W::kWidth) < padding(G::kWidth))
+    parallel_gemm<W>(M, N, K, a, ars, aks, b, bk, bn, beta, bias, c, ldc, threads);
+  else
+    parallel_gemm<G>(M, N, K, a, ars, aks, b, bk, bn, beta, bias, c, ldc, threads);
 }
 
 // out[c] = sum of t[r * rs + c * cs] over rows r = 0..R-1 in order (the bias gradients):

@@ -22,7 +22,7 @@ void run_backward(CellKind kind, const BackwardParams<T>* p, int ndir, T* const*
 
 template <class T>
 void run_gemm(const GemmArgs<T>& g, int threads) {
-  parallel_gemm<typename kIsa::template Gemm<T>>(g.M, g.N, g.K, g.a, g.ars, g.aks, g.b, g.bk,
+  parallel_gemm_fit<typename kIsa::template Gemm<T>>(g.M, g.N, g.K, g.a, g.ars, g.aks, g.b, g.bk,
                                                  g.bn, g.beta, g.bias, g.c, g.ldc, threads);
 }
 
