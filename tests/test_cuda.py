@@ -540,3 +540,23 @@ def test_opcheck_forward_cuda(args):
 def test_opcheck_backward_cuda(cell, D):
     opcheck_backward(cell, D, DEV)
 
+
+
+@needs_cuda_build
+def test_resets_not_implemented():
+    """resets= runs on the CPU only for now: CUDA says so rather than ignoring the flags."""
+    fast = fastrnn.GRU(3, 4).to(DEV)
+    x = torch.randn(5, 2, 3, device=DEV)
+    resets = torch.zeros(5, 2, dtype=torch.bool, device=DEV)
+    with pytest.raises(NotImplementedError, match="resets= is not implemented on CUDA"):
+        fast(x, resets=resets)
+    args = tuple(a.to(DEV) if isinstance(a, torch.Tensor) else a for a in op_args("gru", 1))
+    with pytest.raises(NotImplementedError, match="resets= is not implemented on CUDA"):
+        ops.forward(*args, torch.zeros(3, 3, dtype=torch.bool, device=DEV))
+
+
+@needs_cuda_build
+def test_zoneout_not_implemented():
+    fast = fastrnn.LSTM(3, 4, zoneout=0.1).to(DEV)
+    with pytest.raises(NotImplementedError, match="zoneout is not implemented on CUDA"):
+        fast(torch.randn(5, 2, 3, device=DEV))

@@ -21,6 +21,12 @@ struct ForwardParams {
   const Scalar* c0 = nullptr;       // [B, H] LSTM only
   const int64_t* lengths = nullptr;  // [B] valid steps per row, or nullptr (all T)
   bool reverse = false;        // walk t = len-1 .. 0 (each row from its own last step)
+  const uint8_t* resets = nullptr;  // [T, B] bool episode starts, or nullptr (see reset_before)
+  // Zoneout, or nullptr: the weight z of the previous value of each unit at each step, so
+  // the state leaving step t is z * (state entering) + (1 - z) * (cell's new state), and
+  // the output is that state (z is 0 or 1 in training, p in eval).
+  const Scalar* zoneout_h = nullptr;  // [T, B, P]
+  const Scalar* zoneout_c = nullptr;  // [T, B, H] LSTM only (set with zoneout_h)
   Scalar* y = nullptr;              // [T, B, ldy] outputs (first P), zero where t >= lengths[b]
   Scalar* h_n = nullptr;            // [B, P]
   Scalar* c_n = nullptr;            // [B, H] LSTM only
@@ -39,6 +45,9 @@ struct BackwardParams {
   const Scalar* w_hr = nullptr;     // [P, H] or nullptr
   const int64_t* lengths = nullptr;  // [B] or nullptr
   bool reverse = false;
+  const uint8_t* resets = nullptr;  // [T, B] bool or nullptr, as in ForwardParams
+  const Scalar* zoneout_h = nullptr;  // [T, B, P] or nullptr, as in ForwardParams
+  const Scalar* zoneout_c = nullptr;  // [T, B, H] or nullptr (LSTM)
   int64_t ldy = 0, ldg = 0;    // row strides of dy (>= P) and dgx/dgh (>= G*H)
   const Scalar* dy = nullptr;       // [T, B, ldy] or nullptr (no gradient flows into y)
   const Scalar* gates = nullptr;    // [T, B, S*H] saved by forward
@@ -48,9 +57,21 @@ struct BackwardParams {
   Scalar* dgh = nullptr;            // [T, B, ldg] out: recurrent parts; may alias dgx (not GRU)
   const Scalar* dh_n = nullptr;     // [B, P] gradient w.r.t. h_n, or nullptr (zero)
   const Scalar* dc_n = nullptr;     // [B, H] gradient w.r.t. c_n, or nullptr (LSTM)
-  Scalar* dh0 = nullptr;            // [B, P] out: gradient w.r.t. h0
+  Scalar* dh0 = nullptr;            // [B, P] out: gradient w.r.t. h0 (also through resets)
   Scalar* dc0 = nullptr;            // [B, H] out: gradient w.r.t. c0 (LSTM only)
   Scalar* dhtot = nullptr;          // [T, B, P] out: total dL/dh per step, for dW_hr (proj only)
 };
+
+// Whether the state entering step t of row b is replaced by the initial state (h0, c0).
+// resets[t, b] marks step t as the first of an episode. Forward in time that state is the
+// one entering t; a reverse direction meets the episode's steps last to first, so it starts
+// afresh at t when step t + 1 began an episode (t + 1 was processed just before t). Flags at
+// padded steps (t >= lengths[b]) are ignored. resets: [T, B] bool as bytes; lengths: [B].
+inline bool reset_before(const uint8_t* resets, const int64_t* lengths, int64_t T, int64_t B,
+                         bool reverse, int64_t t, int64_t b) {
+  const int64_t k = reverse ? t + 1 : t;  // the flag that decides
+  const int64_t len = lengths ? lengths[b] : T;
+  return resets && k < len && resets[k * B + b];
+}
 
 }  // namespace fastrnn

@@ -178,6 +178,42 @@ Shapes check_backward(const std::string& cell, const c10::optional<at::Tensor>& 
   return s;
 }
 
+void check_resets(const c10::optional<at::Tensor>& resets, const at::Tensor& x,
+                  const Shapes& s) {
+  const at::Tensor* r = opt(resets);
+  if (!r) return;
+  TORCH_CHECK(r->scalar_type() == at::kBool, "fastrnn: resets must be a bool tensor, got ",
+              r->scalar_type());
+  TORCH_CHECK(r->dim() == 2 && r->size(0) == s.T && r->size(1) == s.B,
+              "fastrnn: resets must have shape [", s.T, ", ", s.B,
+              "] (seq_len, batch: one flag per step and sequence), got ", r->sizes());
+  TORCH_CHECK(r->device() == x.device(), "fastrnn: resets is on ", r->device(),
+              " but input x is on ", x.device());
+  TORCH_CHECK_NOT_IMPLEMENTED(!x.is_cuda(),
+                              "fastrnn: resets= is not implemented on CUDA yet (CPU only)");
+}
+
+void check_zoneout(const c10::optional<at::Tensor>& zoneout_h,
+                   const c10::optional<at::Tensor>& zoneout_c, const at::Tensor& x,
+                   const Shapes& s) {
+  const at::Tensor* zh = opt(zoneout_h);
+  const at::Tensor* zc = opt(zoneout_c);
+  if (s.kind == CellKind::LSTM) {
+    TORCH_CHECK(!zh == !zc, "fastrnn: cell 'lstm' takes zoneout_h and zoneout_c together");
+  } else {
+    TORCH_CHECK(!zc, "fastrnn: zoneout_c is only used by cell 'lstm'");
+  }
+  if (!zh) return;
+  check_shape(*zh, {s.D, s.T, s.B, s.P}, "zoneout_h");
+  check_same(x, *zh, "zoneout_h");
+  if (zc) {
+    check_shape(*zc, {s.D, s.T, s.B, s.H}, "zoneout_c");
+    check_same(x, *zc, "zoneout_c");
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(!x.is_cuda(),
+                              "fastrnn: zoneout is not implemented on CUDA yet (CPU only)");
+}
+
 void check_length_values(const at::Tensor& lengths, int64_t T) {
   if (lengths.numel() == 0) return;
   const auto [lo, hi] = at::aminmax(lengths);

@@ -49,6 +49,16 @@ void check_backward_rest(const Shapes& s, const at::Tensor& x, const at::Tensor&
                          const at::Tensor& dh_n, const at::Tensor& dc_n,
                          const at::Tensor& lengths, const at::Tensor& cprev, const at::Tensor& m);
 
+// resets: bool [T, B] on x's device, or absent. Not implemented on CUDA yet
+// (NotImplementedError there rather than ignored).
+void check_resets(const c10::optional<at::Tensor>& resets, const at::Tensor& x, const Shapes& s);
+
+// Zoneout weights: zoneout_h [D, T, B, P] and, for LSTM, zoneout_c [D, T, B, H] (both or
+// neither), x's dtype and device, or absent. CPU only for now, as resets.
+void check_zoneout(const c10::optional<at::Tensor>& zoneout_h,
+                   const c10::optional<at::Tensor>& zoneout_c, const at::Tensor& x,
+                   const Shapes& s);
+
 // lengths in [0, T]; reads the values, so only for host-side lengths.
 void check_length_values(const at::Tensor& lengths, int64_t T);
 

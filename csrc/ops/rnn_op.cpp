@@ -75,8 +75,13 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
                       const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
                       const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
                       const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
-                      const c10::optional<at::Tensor>& lengths, bool reverse, bool save) {
+                      const c10::optional<at::Tensor>& lengths, bool reverse, bool save,
+                      const c10::optional<at::Tensor>& resets,
+                      const c10::optional<at::Tensor>& zoneout_h,
+                      const c10::optional<at::Tensor>& zoneout_c) {
   const Shapes s = check_forward(cell, x_, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+  check_resets(resets, x_, s);
+  check_zoneout(zoneout_h, zoneout_c, x_, s);
   // The dtype was settled before the op (ops.py's autocast kernel); the GEMMs inside keep it.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool lstm = s.kind == CellKind::LSTM;
@@ -119,6 +124,9 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
   a.h0 = h0.contiguous();
   a.c0 = contig(c0);
   a.lengths = contig(lengths);
+  a.resets = contig(resets);
+  a.zoneout_h = contig(zoneout_h);
+  a.zoneout_c = contig(zoneout_c);
   if (x.is_cuda())
     cuda_forward_loop(a);
   else
@@ -147,9 +155,14 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                         const c10::optional<at::Tensor>& w_hr,
                         const c10::optional<at::Tensor>& lengths, const at::Tensor& gates,
                         const at::Tensor& hprev, const at::Tensor& cprev, const at::Tensor& m,
-                        bool reverse, bool input_grad) {
+                        bool reverse, bool input_grad,
+                        const c10::optional<at::Tensor>& resets,
+                        const c10::optional<at::Tensor>& zoneout_h,
+                        const c10::optional<at::Tensor>& zoneout_c) {
   const Shapes s = check_backward(cell, dy, dh_n, dc_n, x_, w_ih, w_hh, w_hr, lengths, gates,
                                   hprev, cprev, m);
+  check_resets(resets, x_, s);
+  check_zoneout(zoneout_h, zoneout_c, x_, s);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool lstm = s.kind == CellKind::LSTM;
   const int64_t GH = s.G * s.H, DGH = s.D * GH, TB = s.T * s.B;
@@ -174,6 +187,9 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
     a.w_hh = w_hh.contiguous();
     a.w_hr = contig(w_hr);
     a.lengths = contig(lengths);
+    a.resets = contig(resets);
+    a.zoneout_h = contig(zoneout_h);
+    a.zoneout_c = contig(zoneout_c);
     a.dy = contig(dy);
     a.gates = gates.contiguous();
     a.hprev = hprev.contiguous();

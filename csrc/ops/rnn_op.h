@@ -22,7 +22,10 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x, const at::Te
                       const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
                       const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
                       const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
-                      const c10::optional<at::Tensor>& lengths, bool reverse, bool save);
+                      const c10::optional<at::Tensor>& lengths, bool reverse, bool save,
+                      const c10::optional<at::Tensor>& resets,
+                      const c10::optional<at::Tensor>& zoneout_h,
+                      const c10::optional<at::Tensor>& zoneout_c);
 
 BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>& dy,
                         const c10::optional<at::Tensor>& dh_n, const c10::optional<at::Tensor>& dc_n,
@@ -30,7 +33,9 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                         const c10::optional<at::Tensor>& w_hr,
                         const c10::optional<at::Tensor>& lengths, const at::Tensor& gates,
                         const at::Tensor& hprev, const at::Tensor& cprev, const at::Tensor& m,
-                        bool reverse, bool input_grad);
+                        bool reverse, bool input_grad, const c10::optional<at::Tensor>& resets,
+                        const c10::optional<at::Tensor>& zoneout_h,
+                        const c10::optional<at::Tensor>& zoneout_c);
 
 // a @ b for 2-D tensors: fastrnn's own CPU GEMM (the one the layers use), ATen's on CUDA.
 at::Tensor mm_op(const at::Tensor& a, const at::Tensor& b);
@@ -41,6 +46,7 @@ struct LoopTensors {
   Shapes s;
   bool reverse = false;
   at::Tensor gx, w_hh, b_hh, w_hr, h0, c0, lengths, y, h_n, c_n, gates, hprev, cprev, m;
+  at::Tensor resets, zoneout_h, zoneout_c;  // optional regularisation and resets
   at::Tensor dy, dh_n, dc_n, dgx, dgh, dh0, dc0, dhtot;  // backward only
 };
 
@@ -57,6 +63,9 @@ E* mptr(const at::Tensor& t) {
 inline const int64_t* lengths_ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<int64_t>() : nullptr;
 }
+inline const uint8_t* resets_ptr(const at::Tensor& t) {  // bool [T, B] as bytes
+  return t.defined() ? reinterpret_cast<const uint8_t*>(t.data_ptr<bool>()) : nullptr;
+}
 
 // Direction d's view of the tensors. Per-direction tensors are stacked on a leading
 // [D] axis; gx, y, dy, dgx and dgh hold the directions side by side within each row.
@@ -72,6 +81,8 @@ ForwardParams<E> forward_params(const LoopTensors& a, int d) {
   p.w_hh = cptr<T, E>(at_d(a.w_hh)); p.b_hh = cptr<T, E>(at_d(a.b_hh));
   p.w_hr = cptr<T, E>(at_d(a.w_hr)); p.h0 = cptr<T, E>(at_d(a.h0)); p.c0 = cptr<T, E>(at_d(a.c0));
   p.lengths = lengths_ptr(a.lengths); p.reverse = a.reverse != (d == 1);
+  p.resets = resets_ptr(a.resets);
+  p.zoneout_h = cptr<T, E>(at_d(a.zoneout_h)); p.zoneout_c = cptr<T, E>(at_d(a.zoneout_c));
   p.y = mptr<T, E>(a.y) + d * s.P;
   p.h_n = mptr<T, E>(at_d(a.h_n)); p.c_n = mptr<T, E>(at_d(a.c_n));
   p.gates = mptr<T, E>(at_d(a.gates)); p.hprev = mptr<T, E>(at_d(a.hprev));
@@ -89,6 +100,8 @@ BackwardParams<E> backward_params(const LoopTensors& a, int d) {
   p.ldy = s.D * s.P; p.ldg = s.D * GH;
   p.w_hh = cptr<T, E>(at_d(a.w_hh)); p.w_hr = cptr<T, E>(at_d(a.w_hr));
   p.lengths = lengths_ptr(a.lengths); p.reverse = a.reverse != (d == 1);
+  p.resets = resets_ptr(a.resets);
+  p.zoneout_h = cptr<T, E>(at_d(a.zoneout_h)); p.zoneout_c = cptr<T, E>(at_d(a.zoneout_c));
   p.dy = a.dy.defined() ? cptr<T, E>(a.dy) + d * s.P : nullptr;
   p.gates = cptr<T, E>(at_d(a.gates)); p.hprev = cptr<T, E>(at_d(a.hprev));
   p.cprev = cptr<T, E>(at_d(a.cprev));

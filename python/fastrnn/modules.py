@@ -6,8 +6,12 @@ state_dict, repr and pickling are torch's own. Only ``forward`` is replaced:
 it reproduces torch's input handling and error messages, then runs every
 layer and direction through ``fastrnn.functional``.
 
-Beyond torch, ``forward`` takes a keyword-only ``lengths=`` for padded input.
+Beyond torch, ``forward`` takes a keyword-only ``lengths=`` for padded input and
+``resets=`` for episode boundaries inside a sequence, and the constructors take the
+keyword-only ``zoneout=`` and ``weight_dropout=`` (DropConnect on ``weight_hh``).
 """
+import numbers
+
 import torch
 from torch.nn.modules.rnn import RNNBase, RNNCellBase
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -95,8 +99,67 @@ def _check_lengths(lengths, batch, steps, device):
     return lengths.to(device=device, dtype=torch.int64)
 
 
+def _check_p(name, p):
+    """A dropout-style probability in [0, 1), as a float."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Number):
+        raise ValueError(f"{name} should be a number in range [0, 1) representing the "
+                         f"probability of an element being zeroed, got {p!r}")
+    if not 0 <= p < 1:
+        raise ValueError(f"{name} probability has to be in [0, 1), but got {p}")
+    return float(p)
+
+
+def _check_resets(resets, steps, batch, batch_first, device):
+    """Validate the ``resets=`` extension for padded input; returns bool [T, B]."""
+    if not isinstance(resets, torch.Tensor):
+        raise TypeError(f"resets must be a bool tensor, got {type(resets).__name__}")
+    if resets.dtype != torch.bool:
+        raise TypeError(f"resets must be a bool tensor, got dtype {resets.dtype}")
+    want = [batch, steps] if batch_first else [steps, batch]
+    if list(resets.shape) != want:
+        layout = "[batch, seq_len] (batch_first)" if batch_first else "[seq_len, batch]"
+        raise ValueError(f"resets must have shape {layout} = {want}, like the input's first "
+                         f"two dimensions, got {list(resets.shape)}")
+    if resets.device != device:
+        raise RuntimeError(f"resets is on {resets.device} but the input is on {device}")
+    if device.type == "cuda":
+        raise NotImplementedError("fastrnn: resets= is not implemented on CUDA yet (CPU only)")
+    return resets.t() if batch_first else resets
+
+
 class _RNNBase(RNNBase):
     """Shared forward for LSTM, GRU and RNN: one generic layer loop."""
+
+    def __init__(self, mode, *args, zoneout=0.0, weight_dropout=0.0, **kwargs):
+        super().__init__(mode, *args, **kwargs)
+        self.zoneout = _check_p("zoneout", zoneout)
+        self.weight_dropout = _check_p("weight_dropout", weight_dropout)
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        for name in ("zoneout", "weight_dropout"):
+            if self.__dict__.get(name, 0):  # absent on modules made by convert()
+                s += f", {name}={getattr(self, name)}"
+        return s
+
+    def _zoneout_weights(self, x):
+        """Zoneout's weights of the previous state for one layer, (z_h [D, T, B, P],
+        z_c [D, T, B, H] or None), or (None, None) without zoneout. Training: 1 (keep the
+        previous value) with probability p, a fresh draw per step, unit and row from torch's
+        default generator on x's device; eval: p everywhere, the expected value."""
+        p = self.__dict__.get("zoneout", 0.0)
+        if p == 0:
+            return None, None
+        T, B = x.shape[:2]
+        D = 2 if self.bidirectional else 1
+        sizes = [self.proj_size or self.hidden_size]
+        if self.mode == "LSTM":
+            sizes.append(self.hidden_size)
+        if self.training:
+            zs = [x.new_empty((D, T, B, n)).bernoulli_(p) for n in sizes]
+        else:
+            zs = [x.new_full((D, T, B, n), p) for n in sizes]
+        return zs[0], (zs[1] if len(zs) > 1 else None)
 
     def flatten_parameters(self):
         """No-op: the fused kernels read the parameters where they are.
@@ -124,6 +187,19 @@ class _RNNBase(RNNBase):
         params = self._parameters
         return [[tuple(params.get(n) if n in params else getattr(self, n, None) for n in names)
                  for names in layer] for layer in self._weight_names()]
+
+    def _weights_for_call(self):
+        """The weights of this call: with ``weight_dropout`` in training, W_hh of every layer
+        and direction under a fresh DropConnect mask (scaled by 1/(1-p); torch's default
+        generator of the weight's device). The parameters themselves are never modified;
+        autograd carries the gradient through the mask."""
+        weights = self._all_weights_now()
+        p = self.__dict__.get("weight_dropout", 0.0)  # modules pickled before it existed
+        if not (self.training and p > 0):
+            return weights
+        drop = torch.nn.functional.dropout
+        return [[(w_ih, drop(w_hh, p, training=True), b_ih, b_hh, w_hr)
+                 for (w_ih, w_hh, b_ih, b_hh, w_hr) in layer] for layer in weights]
 
     def _zero_state(self, input, batch):
         num_directions = 2 if self.bidirectional else 1
@@ -154,8 +230,9 @@ class _RNNBase(RNNBase):
         tail = " tensor" if name == "RNN" else ""
         return ValueError(f"{name}: Expected input to be 2D or 3D, got {dim}D{tail} instead")
 
-    def _run_layers(self, x, state, lengths, weights):
-        """x: [T, B, I]; state: tuple of [L * D, B, *]; weights: [layer][direction] tuples.
+    def _run_layers(self, x, state, lengths, weights, resets=None):
+        """x: [T, B, I]; state: tuple of [L * D, B, *]; weights: [layer][direction] tuples;
+        resets: bool [T, B] or None, the same for every layer.
         Each layer runs both directions in one fused call (they run concurrently).
         Returns (y [T, B, D * P], final state tuple shaped like ``state``)."""
         num_directions = 2 if self.bidirectional else 1
@@ -167,8 +244,9 @@ class _RNNBase(RNNBase):
                 x = torch.nn.functional.dropout(x, self.dropout, training=True)
             s = state if self.num_layers == 1 else tuple(
                 t[layer * num_directions:(layer + 1) * num_directions] for t in state)
+            zh, zc = self._zoneout_weights(x)
             x, h, c = F.layer(cell, x, s[0], s[1] if cell == "lstm" else None, weights[layer],
-                              lengths)
+                              lengths, resets=resets, zoneout_h=zh, zoneout_c=zc)
             finals.append((h, c) if cell == "lstm" else (h,))
         if self.num_layers == 1:
             return x, finals[0]
@@ -183,17 +261,25 @@ class _RNNBase(RNNBase):
             _check_state_dtype(state, flat[0])
         return state
 
-    def forward(self, input, hx=None, *, lengths=None):
+    def forward(self, input, hx=None, *, lengths=None, resets=None):
         """As torch.nn's forward; ``lengths`` (padded input only) is an integer
-        tensor [B], any device and order, giving each sequence's valid steps."""
-        weights = self._all_weights_now()
+        tensor [B], any device and order, giving each sequence's valid steps.
+
+        ``resets`` is a bool tensor [T, B] ([B, T] with batch_first; [T] for unbatched
+        input; a PackedSequence packed like the input for packed input) on the input's
+        device: where ``resets[t, b]`` is set, step t of sequence b starts a new episode
+        and the state entering it is the initial state again (``hx``, or zeros), in every
+        layer. A reverse direction starts afresh at step t - 1, the step it runs after
+        the flagged one, so every episode is processed on its own in both directions.
+        Flags at padded steps (t >= lengths[b]) are ignored."""
+        weights = self._weights_for_call()
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError(
                     "lengths= cannot be combined with a PackedSequence input, "
                     "which already carries its lengths"
                 )
-            return self._forward_packed(input, hx, weights)
+            return self._forward_packed(input, hx, weights, resets)
 
         if input.dim() not in (2, 3):
             raise self._input_dim_error(input.dim())
@@ -217,8 +303,12 @@ class _RNNBase(RNNBase):
             if not is_batched and torch.as_tensor(lengths).dim() == 0:
                 lengths = torch.as_tensor(lengths).reshape(1)  # one sequence, one length
             lengths = _check_lengths(lengths, x.size(1), x.size(0), x.device)
+        if resets is not None:
+            if not is_batched and isinstance(resets, torch.Tensor) and resets.dim() == 1:
+                resets = resets.unsqueeze(batch_dim)  # one sequence
+            resets = _check_resets(resets, x.size(0), x.size(1), self.batch_first, x.device)
 
-        y, final = self._run_layers(x, state, lengths, weights)
+        y, final = self._run_layers(x, state, lengths, weights, resets)
 
         if self.batch_first:
             y = y.transpose(0, 1)  # a view, as torch returns
@@ -227,7 +317,7 @@ class _RNNBase(RNNBase):
             final = tuple(f.squeeze(1) for f in final)
         return y, final if self.mode == "LSTM" else final[0]
 
-    def _forward_packed(self, packed, hx, weights):
+    def _forward_packed(self, packed, hx, weights, resets=None):
         data, batch_sizes, sorted_indices, unsorted_indices = packed
         if hx is None:
             hx = self._zero_state(data, int(batch_sizes[0]))
@@ -240,11 +330,37 @@ class _RNNBase(RNNBase):
 
         # Pad once, run with in-kernel lengths, pack once: rows stay in sorted order.
         x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
-        y, final = self._run_layers(x, state, lengths.to(x.device), weights)
+        if resets is not None:
+            resets = self._packed_resets(resets, packed, x)
+        y, final = self._run_layers(x, state, lengths.to(x.device), weights, resets)
         out = PackedSequence(pack_padded_sequence(y, lengths).data, batch_sizes,
                              sorted_indices, unsorted_indices)
         hidden = final if self.mode == "LSTM" else final[0]
         return out, self.permute_hidden(hidden, unsorted_indices)
+
+
+    @staticmethod
+    def _packed_resets(resets, packed, x):
+        """resets for packed input: bool flags packed exactly like the input (one per
+        element of ``packed.data``'s first dimension, same batch_sizes and order), e.g.
+        ``pack_padded_sequence(mask, lengths, enforce_sorted=...)`` with the input's
+        lengths. Returns them padded, [T, B] in the packed (sorted) row order."""
+        if not isinstance(resets, PackedSequence):
+            raise TypeError(
+                "for a PackedSequence input, resets must be a PackedSequence of bool flags "
+                "packed like the input (e.g. pack_padded_sequence(mask, lengths) with the "
+                f"input's lengths), got {type(resets).__name__}")
+        same_order = (resets.sorted_indices is None) == (packed.sorted_indices is None) and (
+            packed.sorted_indices is None
+            or torch.equal(resets.sorted_indices.cpu(), packed.sorted_indices.cpu()))
+        if (resets.data.dim() != 1 or not torch.equal(resets.batch_sizes, packed.batch_sizes)
+                or not same_order):
+            raise ValueError(
+                "resets must be packed like the input: one flag per step ([N], N = "
+                f"{packed.data.shape[0]}), the same batch_sizes and sorted_indices; got data "
+                f"of shape {list(resets.data.shape)}")
+        flags, _ = pad_packed_sequence(PackedSequence(resets.data, resets.batch_sizes))
+        return _check_resets(flags, x.size(0), x.size(1), False, x.device)
 
 
 class LSTM(_RNNBase):

@@ -7,7 +7,11 @@ and the backward formula's wiring live here, so ``torch.library.opcheck`` and
 ``forward`` runs all directions (D = 1 or 2) of one layer at once. Per-direction
 arguments are stacked on a leading [D] axis: w_ih [D, G*H, I], w_hh [D, G*H, P],
 b_ih/b_hh [D, G*H], w_hr [D, P, H], h0 [D, B, P], c0 [D, B, H]. Direction d runs
-reversed when ``reverse != (d == 1)``. y is [T, B, D*P] with the directions side by
+reversed when ``reverse != (d == 1)``. ``resets`` (optional, bool [T, B], shared by the
+directions) marks the steps that start a new episode: the state entering such a step
+(in a reverse direction, the step before it in time) is h0/c0 again. ``zoneout_h``
+[D, T, B, P] and ``zoneout_c`` [D, T, B, H] (LSTM; both or neither) are zoneout's weights
+of the previous state: state_t = z * state_{t-1} + (1 - z) * cell output, and y_t = h_t. y is [T, B, D*P] with the directions side by
 side, h_n/c_n are [D, B, *], and the saved tensors are [D, T, B, *].
 """
 import torch
@@ -30,14 +34,15 @@ def _check_like_x(x, **tensors):
             continue
         if t.device != x.device:
             raise RuntimeError(f"fastrnn: {name} is on {t.device} but input x is on {x.device}")
-        if name != "lengths" and t.dtype != x.dtype:
+        if name not in ("lengths", "resets") and t.dtype != x.dtype:
             raise RuntimeError(f"fastrnn: {name} has dtype {t.dtype} but input x has dtype {x.dtype}")
 
 
 @torch.library.register_fake("fastrnn::forward")
-def _forward_fake(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
+def _forward_fake(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save,
+                  resets=None, zoneout_h=None, zoneout_c=None):
     _check_like_x(x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr,
-                  lengths=lengths)
+                  lengths=lengths, resets=resets, zoneout_h=zoneout_h, zoneout_c=zoneout_c)
     T, B, _ = x.shape
     D, GH, P = w_hh.shape
     H = GH // _GATES[cell]
@@ -59,7 +64,7 @@ def _forward_fake(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, revers
 
 @torch.library.register_fake("fastrnn::backward")
 def _backward_fake(cell, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, lengths, gates, hprev, cprev, m,
-                   reverse, input_grad):
+                   reverse, input_grad, resets=None, zoneout_h=None, zoneout_c=None):
     T, B, _ = x.shape
     D, GH, P = w_hh.shape
     H = GH // _GATES[cell]
@@ -85,11 +90,13 @@ def _mm_fake(a, b):
 
 
 def _setup_context(ctx, inputs, output):
-    cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save = inputs
+    cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, *rest = inputs
+    resets, zoneout_h, zoneout_c = (list(rest) + [None] * 3)[:3]  # optional trailing inputs
     _, _, _, gates, hprev, cprev, m = output
     # The inputs are kept (references, no copies) for the second-order path below.
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                          gates, hprev, cprev, m)
+                          gates, hprev, cprev, m, resets, zoneout_h, zoneout_c)
+    ctx.num_inputs = len(inputs)
     ctx.cell, ctx.reverse = cell, reverse
     # Intermediates kept for the backward, not functions to differentiate: no gradient
     # flows back through them, and autograd says so (requires_grad=False).
@@ -100,15 +107,17 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dh_n, dc_n, *_saved_grads):
     if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
         return _differentiable_backward(ctx, dy, dh_n, dc_n)
-    x, _, _, w_ih, w_hh, _, _, w_hr, lengths, gates, hprev, cprev, m = ctx.saved_tensors
+    (x, _, _, w_ih, w_hh, _, _, w_hr, lengths, gates, hprev, cprev, m,
+     resets, zoneout_h, zoneout_c) = ctx.saved_tensors
     need = ctx.needs_input_grad  # (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ...)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = backward(
         ctx.cell, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, lengths, gates, hprev, cprev, m,
-        ctx.reverse, need[1])
+        ctx.reverse, need[1], resets, zoneout_h, zoneout_c)
     lstm = ctx.cell == "lstm"
-    return (None, dx if need[1] else None, dh0, dc0 if lstm else None, dw_ih, dw_hh,
-            db_ih if need[6] else None, db_hh if need[7] else None,
-            dw_hr if w_hr is not None else None, None, None, None)
+    grads = (None, dx if need[1] else None, dh0, dc0 if lstm else None, dw_ih, dw_hh,
+             db_ih if need[6] else None, db_hh if need[7] else None,
+             dw_hr if w_hr is not None else None, None, None, None, None, None, None)
+    return grads[:ctx.num_inputs]
 
 
 def _differentiable_backward(ctx, dy, dh_n, dc_n):
@@ -121,19 +130,21 @@ def _differentiable_backward(ctx, dy, dh_n, dc_n):
     that of torch's own per-step loop, paid only when create_graph is set; first-order
     backward never comes here.
     """
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, *_ = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, *_, resets, zh, zc = ctx.saved_tensors
     inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     need = ctx.needs_input_grad[1:9]
     wanted = [t for t, n in zip(inputs, need) if n]
     pick = lambda t, d: None if t is None else t[d]  # noqa: E731
     weights = [tuple(pick(t, d) for t in (w_ih, w_hh, b_ih, b_hh, w_hr))
                for d in range(w_hh.shape[0])]
-    outs = reference.layer(ctx.cell, x, h0, c0, weights, lengths, ctx.reverse)
+    outs = reference.layer(ctx.cell, x, h0, c0, weights, lengths, ctx.reverse, resets=resets,
+                           zoneout_h=zh, zoneout_c=zc)
     pairs = [(o, g) for o, g in zip(outs, (dy, dh_n, dc_n)) if o is not None and g is not None]
     got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
                                    create_graph=True, allow_unused=True)
                if pairs and wanted else [None] * len(wanted))
-    return (None, *(next(got) if n else None for n in need), None, None, None)
+    grads = (None, *(next(got) if n else None for n in need), None, None, None, None, None, None)
+    return grads[:ctx.num_inputs]
 
 
 torch.library.register_autograd("fastrnn::forward", _backward, setup_context=_setup_context)

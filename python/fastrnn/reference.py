@@ -10,17 +10,34 @@ def _steps(T, reverse):
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
-def _run(cell, gx, state, lengths, reverse):
+def _run(cell, gx, state, lengths, reverse, resets=None, zoneout=None):
     """Run ``cell(gx_t, state) -> (h, state)`` over time with per-sequence lengths.
 
     gx: [T, B, G*H] input projections of every step; state: tuple of [B, *] tensors,
     state[0] is h. Steps with t >= lengths[b] keep the state and emit zeros.
+    resets: bool [T, B] or None; resets[t, b] starts a new episode at step t: the state
+    entering step t (reversed: entering step t - 1) is the initial state again. Flags at
+    padded steps are ignored. zoneout: None or one [T, B, *] tensor per state tensor, the
+    weight z of each unit's previous value: state = z * previous + (1 - z) * new, and the
+    output is the new h.
     """
     T, B = gx.shape[0], gx.shape[1]
     gxs = gx.unbind(0)  # one gradient node for all steps (x[t] would make one per step)
     ys = [None] * T
+    initial = state
     for t in _steps(T, reverse):
+        k = t + 1 if reverse else t  # the flag that decides whether step t starts afresh
+        if resets is not None and k < T:
+            flag = resets[k].to(gx.device)
+            if lengths is not None:
+                flag = flag & (k < lengths.to(gx.device))
+            flag = flag.unsqueeze(1)
+            state = tuple(torch.where(flag, i, s) for i, s in zip(initial, state))
         h_new, new_state = cell(gxs[t], state)
+        if zoneout is not None:
+            new_state = tuple(z[t] * o + (1 - z[t]) * n
+                              for z, o, n in zip(zoneout, state, new_state))
+            h_new = new_state[0]
         if lengths is not None:
             valid = (t < lengths.to(gx.device)).unsqueeze(1)
             new_state = tuple(torch.where(valid, n, o) for n, o in zip(new_state, state))
@@ -36,7 +53,8 @@ def _linear(x, w, b):
     return out if b is None else out + b
 
 
-def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, w_hr=None):
+def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, w_hr=None, *,
+         resets=None, zoneout_h=None, zoneout_c=None):
     def cell(gxt, state):
         h, c = state
         gates = gxt + _linear(h, w_hh, b_hh)
@@ -47,11 +65,13 @@ def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, w_hr=No
             h_new = h_new @ w_hr.t()
         return h_new, (h_new, c_new)
 
-    y, (h, c) = _run(cell, _linear(x, w_ih, b_ih), (h0, c0), lengths, reverse)
+    zoneout = None if zoneout_h is None else (zoneout_h, zoneout_c)
+    y, (h, c) = _run(cell, _linear(x, w_ih, b_ih), (h0, c0), lengths, reverse, resets, zoneout)
     return y, h, c
 
 
-def gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False):
+def gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, *, resets=None,
+        zoneout_h=None):
     def cell(gxt, state):
         (h,) = state
         gx_r, gx_z, gx_n = gxt.chunk(3, 1)
@@ -62,11 +82,13 @@ def gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False):
         h_new = (1 - z) * n + z * h
         return h_new, (h_new,)
 
-    y, (h,) = _run(cell, _linear(x, w_ih, b_ih), (h0,), lengths, reverse)
+    zoneout = None if zoneout_h is None else (zoneout_h,)
+    y, (h,) = _run(cell, _linear(x, w_ih, b_ih), (h0,), lengths, reverse, resets, zoneout)
     return y, h
 
 
-def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None, reverse=False):
+def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None, reverse=False, *,
+        resets=None, zoneout_h=None):
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
     act = torch.tanh if nonlinearity == "tanh" else torch.relu
@@ -76,27 +98,35 @@ def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None, revers
         h_new = act(gxt + _linear(h, w_hh, b_hh))
         return h_new, (h_new,)
 
-    y, (h,) = _run(cell, _linear(x, w_ih, b_ih), (h0,), lengths, reverse)
+    zoneout = None if zoneout_h is None else (zoneout_h,)
+    y, (h,) = _run(cell, _linear(x, w_ih, b_ih), (h0,), lengths, reverse, resets, zoneout)
     return y, h
 
 
-def layer(cell, x, h0, c0, weights, lengths=None, reverse=False):
+def layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, resets=None,
+          zoneout_h=None, zoneout_c=None):
     """All directions of one layer, as ``fastrnn.functional.layer`` (same arguments).
 
     cell: 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'; h0 [D, B, P]; c0 [D, B, H] (LSTM) or
     None; weights: one (w_ih, w_hh, b_ih, b_hh, w_hr) tuple per direction. Direction 1
-    runs reversed. Returns (y [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None).
+    runs reversed. zoneout_h [D, T, B, P], zoneout_c [D, T, B, H]: zoneout weights per
+    direction (see _run), or None. Returns (y [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None).
     """
     ys, hs, cs = [], [], []
+    pick = lambda t, d: None if t is None else t[d]  # noqa: E731
     for d, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(weights):
         rev = reverse != (d == 1)
         if cell == "lstm":
-            y, h, c = lstm(x, h0[d], c0[d], w_ih, w_hh, b_ih, b_hh, lengths, rev, w_hr)
+            y, h, c = lstm(x, h0[d], c0[d], w_ih, w_hh, b_ih, b_hh, lengths, rev, w_hr,
+                           resets=resets, zoneout_h=pick(zoneout_h, d),
+                           zoneout_c=pick(zoneout_c, d))
             cs.append(c)
         elif cell == "gru":
-            y, h = gru(x, h0[d], w_ih, w_hh, b_ih, b_hh, lengths, rev)
+            y, h = gru(x, h0[d], w_ih, w_hh, b_ih, b_hh, lengths, rev, resets=resets,
+                       zoneout_h=pick(zoneout_h, d))
         else:
-            y, h = rnn(x, h0[d], w_ih, w_hh, b_ih, b_hh, cell[4:], lengths, rev)
+            y, h = rnn(x, h0[d], w_ih, w_hh, b_ih, b_hh, cell[4:], lengths, rev, resets=resets,
+                       zoneout_h=pick(zoneout_h, d))
         ys.append(y)
         hs.append(h)
     return torch.cat(ys, 2), torch.stack(hs), (torch.stack(cs) if cs else None)

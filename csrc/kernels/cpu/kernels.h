@@ -38,7 +38,8 @@ inline int64_t forward_workspace(const ForwardParams<T>& p, int gates) {
 }
 template <class T>
 inline int64_t backward_workspace(const BackwardParams<T>& p, int gates) {
-  return p.B * p.P + 2 * p.B * p.H + 2 * p.B * gates * p.H;  // dh, dc, dm; dgates ping-pong
+  // dh, dc, dm; dgates ping-pong; zoneout's direct parts of dh and dc
+  return p.B * p.P + 2 * p.B * p.H + 2 * p.B * gates * p.H + p.B * (p.P + p.H);
 }
 
 struct Kernels {

@@ -291,6 +291,40 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
   }
   team.sync();  // the first step reads every column of h
 
+  // Zoneout of step s at time t for the running rows (this thread's columns): each unit
+  // of the state mixes its previous and its new value, and the output is the state.
+  auto zoneout = [&](const StepIo<T>& io, int64_t t, int64_t n) {
+    if (!p.zoneout_h) return;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t b = order[i], row = t * B + b;
+      const T* z = p.zoneout_h + row * P;
+      const T* hp = io.hin + i * P;
+      T* h = io.hout + i * P;
+      T* y = io.yt + b * p.ldy;
+      for (int64_t q = p0; q < p1; ++q) y[q] = h[q] = z[q] * hp[q] + (T(1) - z[q]) * h[q];
+      if (Cell::kHasCell) {
+        const T* zc = p.zoneout_c + row * H;
+        const T* cp = io.cin + i * H;
+        T* c = io.cout + i * H;
+        for (int64_t j = j0; j < j1; ++j) c[j] = zc[j] * cp[j] + (T(1) - zc[j]) * c[j];
+      }
+    }
+  };
+
+  // Rows whose next step starts afresh (reset_before) take the initial state, written at
+  // the end of step s into the buffers the next step reads; each thread writes its own
+  // columns before the step's last barrier, so resets cost no barrier of their own.
+  auto reset_next = [&](const StepIo<T>& io, int64_t s) {
+    if (!p.resets || s + 1 >= Tn) return;
+    const int64_t tn = time_of(s + 1, Tn, p.reverse);
+    for (int64_t i = 0; i < Bn; ++i) {
+      const int64_t b = order[i];
+      if (!reset_before(p.resets, p.lengths, Tn, B, p.reverse, tn, b)) continue;
+      std::copy(p.h0 + b * P + p0, p.h0 + b * P + p1, io.hout + i * P + p0);
+      if (Cell::kHasCell) std::copy(p.c0 + b * H + j0, p.c0 + b * H + j1, io.cout + i * H + j0);
+    }
+  };
+
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = time_of(s, Tn, p.reverse), n = sched.active[t];
     const StepIo<T> io{hbuf + (s % 2) * Bn * P, cbuf + (s % 2) * Bn * H,
@@ -335,6 +369,10 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
         if (proj) std::fill(p.m + row * H + j0, p.m + row * H + j1, T(0));
       }
     }
+    if (!proj) {
+      zoneout(io, t, n);
+      reset_next(io, s);
+    }
     team.sync();
 
     if (proj) {  // h = m W_hr^T for the running rows, split over the P outputs
@@ -342,6 +380,8 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
         Gemm::run(w_proj, 0, w_proj.count(), n, mbuf, H, 1, T(0), nullptr, io.hout + p0, P);
       for (int64_t i = 0; i < n; ++i)
         std::copy(io.hout + i * P + p0, io.hout + i * P + p1, io.yt + order[i] * p.ldy + p0);
+      zoneout(io, t, n);
+      reset_next(io, s);  // after y took this step's h
       team.sync();
     }
   }
@@ -375,6 +415,8 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
   T* dm = dc + Bn * H;        // [B, H] dL/d(output before projection) (proj)
   T* dg = dm + Bn * H;        // [2, B, G*H] this step's dgh, ping-pong: the GEMM of one
                              //             step may still read it while the next is written
+  T* dzh = dg + 2 * Bn * GH;  // [B, P] zoneout: the part of dh that skips the cell
+  T* dzc = dzh + Bn * P;      // [B, H] the same for dc
   // Packed once for the whole sequence: the column slice W_hh[:, p0:p1] (K = G*H, N = ps)
   // and, with a projection, W_hr[:, j0:j1] (K = P, N = hs).
   Buffer<T> w_rec_mem, w_proj_mem;
@@ -392,6 +434,10 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
 
   for (int64_t i = 0; i < Bn; ++i) {
     const int64_t b = order[i];
+    if (p.resets) {  // dh0/dc0 gather the gradients of the states replaced at resets
+      std::fill(p.dh0 + b * P + p0, p.dh0 + b * P + p1, T(0));
+      if (Cell::kHasCell) std::fill(p.dc0 + b * H + j0, p.dc0 + b * H + j1, T(0));
+    }
     if (p.dh_n) std::copy(p.dh_n + b * P + p0, p.dh_n + b * P + p1, dh + i * P + p0);
     else std::fill(dh + i * P + p0, dh + i * P + p1, T(0));
     if (Cell::kHasCell) {
@@ -409,6 +455,12 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
       const int64_t row = t * B + order[i];
       if (i < n && p.dy)
         for (int64_t q = p0; q < p1; ++q) dh[i * P + q] += p.dy[row * p.ldy + q];
+      if (i < n && p.zoneout_h)  // h = z h_prev + (1 - z) h_cell: split dh between the two
+        for (int64_t q = p0; q < p1; ++q) {
+          const T z = p.zoneout_h[row * P + q];
+          dzh[i * P + q] = z * dh[i * P + q];
+          dh[i * P + q] *= T(1) - z;
+        }
       if (proj)
         for (int64_t q = p0; q < p1; ++q) p.dhtot[row * P + q] = i < n ? dh[i * P + q] : T(0);
     }
@@ -439,6 +491,12 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
       T* dcr = Cell::kHasCell ? dc + i * H + j0 : nullptr;
       const T* save = p.gates + row * S * H + j0;
       T* gc = dgs + i * GH + j0;  // compact copy for the GEMM below
+      if (Cell::kHasCell && p.zoneout_c)  // as dh above: c = z c_prev + (1 - z) c_cell
+        for (int64_t j = j0; j < j1; ++j) {
+          const T z = p.zoneout_c[row * H + j];
+          dzc[i * H + j] = z * dc[i * H + j];
+          dc[i * H + j] *= T(1) - z;
+        }
       if (proj)
         backward_units<Cell, false>(hs, save, H, hp, cp, dout + i * ld + j0, dcr, gx + j0,
                                     Cell::kSplitGrad ? gh + j0 : nullptr, (T*)nullptr);
@@ -447,6 +505,8 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
                                    Cell::kSplitGrad ? gh + j0 : nullptr, dh + i * P + j0);
       const T* src = Cell::kSplitGrad ? gh : gx;
       for (int k = 0; k < G; ++k) std::copy(src + k * H + j0, src + k * H + j1, gc + k * H);
+      if (Cell::kHasCell && p.zoneout_c)
+        for (int64_t j = j0; j < j1; ++j) dc[i * H + j] += dzc[i * H + j];
     }
     team.sync();
 
@@ -456,11 +516,37 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
       for (int64_t i = 0; i < n; ++i) std::fill(dh + i * P + p0, dh + i * P + p1, T(0));
     if (ps > 0 && n > 0)
       Gemm::run(w_rec, 0, w_rec.count(), n, dgs, GH, 1, T(1), nullptr, dh + p0, P);
+    if (p.zoneout_h)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t q = p0; q < p1; ++q) dh[i * P + q] += dzh[i * P + q];
+
+    // A state replaced at a reset was h0/c0: its gradient goes there and stops crossing
+    // into the previous episode (this thread's columns of dh and dc, as written above).
+    if (p.resets)
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = order[i];
+        if (!reset_before(p.resets, p.lengths, Tn, B, p.reverse, t, b)) continue;
+        for (int64_t q = p0; q < p1; ++q) {
+          p.dh0[b * P + q] += dh[i * P + q];
+          dh[i * P + q] = T(0);
+        }
+        if (Cell::kHasCell)
+          for (int64_t j = j0; j < j1; ++j) {
+            p.dc0[b * H + j] += dc[i * H + j];
+            dc[i * H + j] = T(0);
+          }
+      }
   }
 
   team.sync();  // dh of every column is final
   for (int64_t i = 0; i < Bn; ++i) {
     const int64_t b = order[i];
+    if (p.resets) {  // add the gradient reaching the first step to what the resets gathered
+      for (int64_t q = p0; q < p1; ++q) p.dh0[b * P + q] += dh[i * P + q];
+      if (Cell::kHasCell)
+        for (int64_t j = j0; j < j1; ++j) p.dc0[b * H + j] += dc[i * H + j];
+      continue;
+    }
     std::copy(dh + i * P + p0, dh + i * P + p1, p.dh0 + b * P + p0);
     if (Cell::kHasCell) std::copy(dc + i * H + j0, dc + i * H + j1, p.dc0 + b * H + j0);
   }
