@@ -560,3 +560,10 @@ def test_zoneout_not_implemented():
     fast = fastrnn.LSTM(3, 4, zoneout=0.1).to(DEV)
     with pytest.raises(NotImplementedError, match="zoneout is not implemented on CUDA"):
         fast(torch.randn(5, 2, 3, device=DEV))
+
+
+@needs_cuda_build
+def test_recurrent_dropout_not_implemented():
+    fast = fastrnn.GRU(3, 4, recurrent_dropout=0.1).to(DEV)
+    with pytest.raises(NotImplementedError, match="recurrent_dropout is not implemented on CUDA"):
+        fast(torch.randn(5, 2, 3, device=DEV))

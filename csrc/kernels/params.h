@@ -27,6 +27,10 @@ struct ForwardParams {
   // the output is that state (z is 0 or 1 in training, p in eval).
   const Scalar* zoneout_h = nullptr;  // [T, B, P]
   const Scalar* zoneout_c = nullptr;  // [T, B, H] LSTM only (set with zoneout_h)
+  // Recurrent dropout, or nullptr: the h that feeds W_hh is h * rec_mask at every step (the
+  // mask holds 0 or 1/(1-p)); the cell's own use of h (GRU's z * h) and the output are not
+  // masked.
+  const Scalar* rec_mask = nullptr;  // [B, P]
   Scalar* y = nullptr;              // [T, B, ldy] outputs (first P), zero where t >= lengths[b]
   Scalar* h_n = nullptr;            // [B, P]
   Scalar* c_n = nullptr;            // [B, H] LSTM only
@@ -48,6 +52,7 @@ struct BackwardParams {
   const uint8_t* resets = nullptr;  // [T, B] bool or nullptr, as in ForwardParams
   const Scalar* zoneout_h = nullptr;  // [T, B, P] or nullptr, as in ForwardParams
   const Scalar* zoneout_c = nullptr;  // [T, B, H] or nullptr (LSTM)
+  const Scalar* rec_mask = nullptr;   // [B, P] or nullptr, as in ForwardParams
   int64_t ldy = 0, ldg = 0;    // row strides of dy (>= P) and dgx/dgh (>= G*H)
   const Scalar* dy = nullptr;       // [T, B, ldy] or nullptr (no gradient flows into y)
   const Scalar* gates = nullptr;    // [T, B, S*H] saved by forward

@@ -214,6 +214,16 @@ void check_zoneout(const c10::optional<at::Tensor>& zoneout_h,
                               "fastrnn: zoneout is not implemented on CUDA yet (CPU only)");
 }
 
+void check_rec_mask(const c10::optional<at::Tensor>& rec_mask, const at::Tensor& x,
+                    const Shapes& s) {
+  const at::Tensor* r = opt(rec_mask);
+  if (!r) return;
+  check_shape(*r, {s.D, s.B, s.P}, "rec_mask");
+  check_same(x, *r, "rec_mask");
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !x.is_cuda(), "fastrnn: recurrent_dropout is not implemented on CUDA yet (CPU only)");
+}
+
 void check_length_values(const at::Tensor& lengths, int64_t T) {
   if (lengths.numel() == 0) return;
   const auto [lo, hi] = at::aminmax(lengths);

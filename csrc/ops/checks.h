@@ -59,6 +59,10 @@ void check_zoneout(const c10::optional<at::Tensor>& zoneout_h,
                    const c10::optional<at::Tensor>& zoneout_c, const at::Tensor& x,
                    const Shapes& s);
 
+// Recurrent dropout mask rec_mask [D, B, P], x's dtype and device, or absent. CPU only.
+void check_rec_mask(const c10::optional<at::Tensor>& rec_mask, const at::Tensor& x,
+                    const Shapes& s);
+
 // lengths in [0, T]; reads the values, so only for host-side lengths.
 void check_length_values(const at::Tensor& lengths, int64_t T);
 

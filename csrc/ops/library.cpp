@@ -4,7 +4,8 @@
 // every per-direction argument; shapes in python/fastrnn/ops.py); its last four outputs are
 // what backward needs (empty when save=False). resets: bool [T, B] episode starts, the
 // rule in kernels/params.h (reset_before); zoneout_h [D, T, B, P], zoneout_c [D, T, B, H]:
-// zoneout's weights of the previous state (params.h). backward takes the same tensors. Cells: 'lstm', 'gru', 'rnn_tanh', 'rnn_relu'.
+// zoneout's weights of the previous state; rec_mask [D, B, P]: recurrent dropout's mask on
+// the h feeding W_hh (params.h). backward takes the same tensors. Cells: 'lstm', 'gru', 'rnn_tanh', 'rnn_relu'.
 // Outputs a cell does not have (c_n for GRU/RNN, m without a projection) are empty.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -31,14 +32,15 @@ TORCH_LIBRARY(fastrnn, m) {
   m.def(
       "forward(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool save, "
-      "Tensor? resets=None, Tensor? zoneout_h=None, Tensor? zoneout_c=None) "
+      "Tensor? resets=None, Tensor? zoneout_h=None, Tensor? zoneout_c=None, "
+      "Tensor? rec_mask=None) "
       "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor hprev, Tensor cprev, "
       "Tensor m)");
   m.def(
       "backward(str cell, Tensor? dy, Tensor? dh_n, Tensor? dc_n, Tensor x, Tensor w_ih, "
       "Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor gates, Tensor hprev, Tensor cprev, "
       "Tensor m, bool reverse, bool input_grad, Tensor? resets=None, Tensor? zoneout_h=None, "
-      "Tensor? zoneout_c=None) -> (Tensor dx, Tensor dh0, Tensor dc0, "
+      "Tensor? zoneout_c=None, Tensor? rec_mask=None) -> (Tensor dx, Tensor dh0, Tensor dc0, "
       "Tensor dw_ih, Tensor dw_hh, Tensor db_ih, Tensor db_hh, Tensor dw_hr)");
   // a @ b with the GEMM the CPU kernels use (same bits for any thread count); for tests
   // and benchmarks.

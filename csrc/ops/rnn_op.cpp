@@ -78,10 +78,12 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
                       const c10::optional<at::Tensor>& lengths, bool reverse, bool save,
                       const c10::optional<at::Tensor>& resets,
                       const c10::optional<at::Tensor>& zoneout_h,
-                      const c10::optional<at::Tensor>& zoneout_c) {
+                      const c10::optional<at::Tensor>& zoneout_c,
+                      const c10::optional<at::Tensor>& rec_mask) {
   const Shapes s = check_forward(cell, x_, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   check_resets(resets, x_, s);
   check_zoneout(zoneout_h, zoneout_c, x_, s);
+  check_rec_mask(rec_mask, x_, s);
   // The dtype was settled before the op (ops.py's autocast kernel); the GEMMs inside keep it.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool lstm = s.kind == CellKind::LSTM;
@@ -127,6 +129,7 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
   a.resets = contig(resets);
   a.zoneout_h = contig(zoneout_h);
   a.zoneout_c = contig(zoneout_c);
+  a.rec_mask = contig(rec_mask);
   if (x.is_cuda())
     cuda_forward_loop(a);
   else
@@ -158,11 +161,13 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                         bool reverse, bool input_grad,
                         const c10::optional<at::Tensor>& resets,
                         const c10::optional<at::Tensor>& zoneout_h,
-                        const c10::optional<at::Tensor>& zoneout_c) {
+                        const c10::optional<at::Tensor>& zoneout_c,
+                        const c10::optional<at::Tensor>& rec_mask) {
   const Shapes s = check_backward(cell, dy, dh_n, dc_n, x_, w_ih, w_hh, w_hr, lengths, gates,
                                   hprev, cprev, m);
   check_resets(resets, x_, s);
   check_zoneout(zoneout_h, zoneout_c, x_, s);
+  check_rec_mask(rec_mask, x_, s);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool lstm = s.kind == CellKind::LSTM;
   const int64_t GH = s.G * s.H, DGH = s.D * GH, TB = s.T * s.B;
@@ -190,6 +195,7 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
     a.resets = contig(resets);
     a.zoneout_h = contig(zoneout_h);
     a.zoneout_c = contig(zoneout_c);
+    a.rec_mask = contig(rec_mask);
     a.dy = contig(dy);
     a.gates = gates.contiguous();
     a.hprev = hprev.contiguous();
@@ -217,7 +223,11 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
     dx = dx.view({s.T, s.B, s.I});
   }
   at::Tensor dw_ih = gemm(dgx.t(), xv).view({s.D, GH, s.I});
-  const at::Tensor hp = take(hprev.contiguous().view({s.D, TB, s.P}), rows, 1);
+  // W_hh saw h * rec_mask (recurrent dropout); hprev holds h itself.
+  const at::Tensor* mask = opt(rec_mask);
+  const at::Tensor hrec = mask && TB > 0 ? hprev.view({s.D, s.T, s.B, s.P}) * mask->unsqueeze(1)
+                                         : hprev.contiguous();
+  const at::Tensor hp = take(hrec.view({s.D, TB, s.P}), rows, 1);
   const at::Tensor mv = s.proj ? take(m.contiguous().view({s.D, TB, s.H}), rows, 1) : at::Tensor();
   const at::Tensor dht = s.proj ? take(a.dhtot.view({s.D, TB, s.P}), rows, 1) : at::Tensor();
   std::vector<at::Tensor> dw_hh_d, db_hh_d, dw_hr_d;

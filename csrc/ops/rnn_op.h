@@ -25,7 +25,8 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x, const at::Te
                       const c10::optional<at::Tensor>& lengths, bool reverse, bool save,
                       const c10::optional<at::Tensor>& resets,
                       const c10::optional<at::Tensor>& zoneout_h,
-                      const c10::optional<at::Tensor>& zoneout_c);
+                      const c10::optional<at::Tensor>& zoneout_c,
+                      const c10::optional<at::Tensor>& rec_mask);
 
 BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>& dy,
                         const c10::optional<at::Tensor>& dh_n, const c10::optional<at::Tensor>& dc_n,
@@ -35,7 +36,8 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                         const at::Tensor& hprev, const at::Tensor& cprev, const at::Tensor& m,
                         bool reverse, bool input_grad, const c10::optional<at::Tensor>& resets,
                         const c10::optional<at::Tensor>& zoneout_h,
-                        const c10::optional<at::Tensor>& zoneout_c);
+                        const c10::optional<at::Tensor>& zoneout_c,
+                        const c10::optional<at::Tensor>& rec_mask);
 
 // a @ b for 2-D tensors: fastrnn's own CPU GEMM (the one the layers use), ATen's on CUDA.
 at::Tensor mm_op(const at::Tensor& a, const at::Tensor& b);
@@ -46,7 +48,7 @@ struct LoopTensors {
   Shapes s;
   bool reverse = false;
   at::Tensor gx, w_hh, b_hh, w_hr, h0, c0, lengths, y, h_n, c_n, gates, hprev, cprev, m;
-  at::Tensor resets, zoneout_h, zoneout_c;  // optional regularisation and resets
+  at::Tensor resets, zoneout_h, zoneout_c, rec_mask;  // optional regularisation and resets
   at::Tensor dy, dh_n, dc_n, dgx, dgh, dh0, dc0, dhtot;  // backward only
 };
 
@@ -83,6 +85,7 @@ ForwardParams<E> forward_params(const LoopTensors& a, int d) {
   p.lengths = lengths_ptr(a.lengths); p.reverse = a.reverse != (d == 1);
   p.resets = resets_ptr(a.resets);
   p.zoneout_h = cptr<T, E>(at_d(a.zoneout_h)); p.zoneout_c = cptr<T, E>(at_d(a.zoneout_c));
+  p.rec_mask = cptr<T, E>(at_d(a.rec_mask));
   p.y = mptr<T, E>(a.y) + d * s.P;
   p.h_n = mptr<T, E>(at_d(a.h_n)); p.c_n = mptr<T, E>(at_d(a.c_n));
   p.gates = mptr<T, E>(at_d(a.gates)); p.hprev = mptr<T, E>(at_d(a.hprev));
@@ -102,6 +105,7 @@ BackwardParams<E> backward_params(const LoopTensors& a, int d) {
   p.lengths = lengths_ptr(a.lengths); p.reverse = a.reverse != (d == 1);
   p.resets = resets_ptr(a.resets);
   p.zoneout_h = cptr<T, E>(at_d(a.zoneout_h)); p.zoneout_c = cptr<T, E>(at_d(a.zoneout_c));
+  p.rec_mask = cptr<T, E>(at_d(a.rec_mask));
   p.dy = a.dy.defined() ? cptr<T, E>(a.dy) + d * s.P : nullptr;
   p.gates = cptr<T, E>(at_d(a.gates)); p.hprev = cptr<T, E>(at_d(a.hprev));
   p.cprev = cptr<T, E>(at_d(a.cprev));

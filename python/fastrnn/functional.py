@@ -13,6 +13,8 @@ both directions. Flags at padded steps are ignored. ``zoneout_h`` [T, B, P] and,
 ``lstm``, ``zoneout_c`` [T, B, H] (``layer``: [D, T, B, *]) are zoneout's weights z of
 each unit's previous state: h_t = z * h_{t-1} + (1 - z) * (the cell's new h), the same
 for c, and the output is h_t (z is 0 or 1 in training, p in eval; the modules draw them).
+``rec_mask`` [B, P] (``layer``: [D, B, P]), recurrent dropout: the h that feeds ``w_hh``
+is h * rec_mask at every step (0 or 1/(1-p) in training); the output is not masked.
 """
 import torch
 
@@ -42,14 +44,15 @@ def _stack(tensors):
 
 
 def layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, resets=None,
-          zoneout_h=None, zoneout_c=None):
+          zoneout_h=None, zoneout_c=None, rec_mask=None):
     """All directions of one layer in one fused call; the directions run concurrently.
 
     cell: 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'. x [T, B, I]; h0 [D, B, P]; c0 [D, B, H]
     (LSTM only, else None); weights: one (w_ih, w_hh, b_ih, b_hh, w_hr) tuple per
     direction (biases and w_hr may be None). Direction 1 runs reversed (bidirectional).
     resets: optional bool [T, B] episode starts; zoneout_h [D, T, B, P], zoneout_c
-    [D, T, B, H]: optional zoneout weights (see the module docstring).
+    [D, T, B, H]: optional zoneout weights; rec_mask [D, B, P]: optional recurrent dropout
+    mask (see the module docstring).
     Returns (y [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None).
     """
     if len(weights) == 1:  # the common case, without the generic stacking
@@ -58,12 +61,12 @@ def layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, resets=None,
         w_ih, w_hh, b_ih, b_hh, w_hr = (_stack(list(ws)) for ws in zip(*weights))
     y, h_n, c_n, *_ = ops.forward(
         cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _lengths(lengths, x), reverse,
-        _save(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), resets, zoneout_h, zoneout_c)
+        _save(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), resets, zoneout_h, zoneout_c, rec_mask)
     return y, h_n, (c_n if cell == "lstm" else None)
 
 
 def _direction(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, resets,
-               zoneout_h=None, zoneout_c=None):
+               zoneout_h=None, zoneout_c=None, rec_mask=None):
     # The one-direction API takes torch.nn's 2-D/1-D shapes; check ranks here so errors
     # name them rather than the stacked [1, ...] shapes the op sees.
     for name, t, dim in [("h0", h0, 2), ("c0", c0, 2), ("w_ih", w_ih, 2), ("w_hh", w_hh, 2),
@@ -74,28 +77,29 @@ def _direction(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, 
     y, h_n, c_n = layer(cell, x, h0.unsqueeze(0), None if c0 is None else c0.unsqueeze(0),
                         [(w_ih, w_hh, b_ih, b_hh, w_hr)], lengths, reverse, resets=resets,
                         zoneout_h=None if zoneout_h is None else zoneout_h.unsqueeze(0),
-                        zoneout_c=None if zoneout_c is None else zoneout_c.unsqueeze(0))
+                        zoneout_c=None if zoneout_c is None else zoneout_c.unsqueeze(0),
+                        rec_mask=None if rec_mask is None else rec_mask.unsqueeze(0))
     return y, h_n[0], (None if c_n is None else c_n[0])
 
 
 def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, w_hr=None, *,
-         resets=None, zoneout_h=None, zoneout_c=None):
+         resets=None, zoneout_h=None, zoneout_c=None, rec_mask=None):
     """LSTM layer (gates i, f, g, o). ``w_hr`` [P, H] is torch.nn.LSTM's projection."""
     return _direction("lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, resets,
-                      zoneout_h, zoneout_c)
+                      zoneout_h, zoneout_c, rec_mask)
 
 
 def gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, *, resets=None,
-        zoneout_h=None):
+        zoneout_h=None, rec_mask=None):
     """GRU layer (gates r, z, n; b_hn inside the reset product, as torch.nn.GRU)."""
     return _direction("gru", x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, reverse,
-                      resets, zoneout_h)[:2]
+                      resets, zoneout_h, None, rec_mask)[:2]
 
 
 def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None, reverse=False, *,
-        resets=None, zoneout_h=None):
+        resets=None, zoneout_h=None, rec_mask=None):
     """Elman RNN layer with ``nonlinearity`` 'tanh' or 'relu'."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
     return _direction("rnn_" + nonlinearity, x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths,
-                      reverse, resets, zoneout_h)[:2]
+                      reverse, resets, zoneout_h, None, rec_mask)[:2]

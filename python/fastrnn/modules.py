@@ -8,7 +8,8 @@ layer and direction through ``fastrnn.functional``.
 
 Beyond torch, ``forward`` takes a keyword-only ``lengths=`` for padded input and
 ``resets=`` for episode boundaries inside a sequence, and the constructors take the
-keyword-only ``zoneout=`` and ``weight_dropout=`` (DropConnect on ``weight_hh``).
+keyword-only ``zoneout=``, ``recurrent_dropout=`` and ``weight_dropout=`` (DropConnect on
+``weight_hh``).
 """
 import numbers
 
@@ -130,14 +131,16 @@ def _check_resets(resets, steps, batch, batch_first, device):
 class _RNNBase(RNNBase):
     """Shared forward for LSTM, GRU and RNN: one generic layer loop."""
 
-    def __init__(self, mode, *args, zoneout=0.0, weight_dropout=0.0, **kwargs):
+    def __init__(self, mode, *args, zoneout=0.0, recurrent_dropout=0.0, weight_dropout=0.0,
+                 **kwargs):
         super().__init__(mode, *args, **kwargs)
         self.zoneout = _check_p("zoneout", zoneout)
+        self.recurrent_dropout = _check_p("recurrent_dropout", recurrent_dropout)
         self.weight_dropout = _check_p("weight_dropout", weight_dropout)
 
     def extra_repr(self):
         s = super().extra_repr()
-        for name in ("zoneout", "weight_dropout"):
+        for name in ("zoneout", "recurrent_dropout", "weight_dropout"):
             if self.__dict__.get(name, 0):  # absent on modules made by convert()
                 s += f", {name}={getattr(self, name)}"
         return s
@@ -160,6 +163,17 @@ class _RNNBase(RNNBase):
         else:
             zs = [x.new_full((D, T, B, n), p) for n in sizes]
         return zs[0], (zs[1] if len(zs) > 1 else None)
+
+    def _recurrent_mask(self, x):
+        """Recurrent dropout's mask for one layer, [D, B, P]: 0 with probability p, else
+        1/(1-p), one per sequence, direction and unit, fixed over time (variational); None
+        in eval or without it."""
+        p = self.__dict__.get("recurrent_dropout", 0.0)
+        if not (self.training and p > 0):
+            return None
+        D = 2 if self.bidirectional else 1
+        size = self.proj_size or self.hidden_size
+        return x.new_empty((D, x.shape[1], size)).bernoulli_(1 - p).div_(1 - p)
 
     def flatten_parameters(self):
         """No-op: the fused kernels read the parameters where they are.
@@ -246,7 +260,8 @@ class _RNNBase(RNNBase):
                 t[layer * num_directions:(layer + 1) * num_directions] for t in state)
             zh, zc = self._zoneout_weights(x)
             x, h, c = F.layer(cell, x, s[0], s[1] if cell == "lstm" else None, weights[layer],
-                              lengths, resets=resets, zoneout_h=zh, zoneout_c=zc)
+                              lengths, resets=resets, zoneout_h=zh, zoneout_c=zc,
+                              rec_mask=self._recurrent_mask(x))
             finals.append((h, c) if cell == "lstm" else (h,))
         if self.num_layers == 1:
             return x, finals[0]

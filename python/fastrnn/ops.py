@@ -11,7 +11,8 @@ reversed when ``reverse != (d == 1)``. ``resets`` (optional, bool [T, B], shared
 directions) marks the steps that start a new episode: the state entering such a step
 (in a reverse direction, the step before it in time) is h0/c0 again. ``zoneout_h``
 [D, T, B, P] and ``zoneout_c`` [D, T, B, H] (LSTM; both or neither) are zoneout's weights
-of the previous state: state_t = z * state_{t-1} + (1 - z) * cell output, and y_t = h_t. y is [T, B, D*P] with the directions side by
+of the previous state: state_t = z * state_{t-1} + (1 - z) * cell output, and y_t = h_t.
+``rec_mask`` [D, B, P] (recurrent dropout) multiplies the h that feeds W_hh at every step. y is [T, B, D*P] with the directions side by
 side, h_n/c_n are [D, B, *], and the saved tensors are [D, T, B, *].
 """
 import torch
@@ -40,9 +41,10 @@ def _check_like_x(x, **tensors):
 
 @torch.library.register_fake("fastrnn::forward")
 def _forward_fake(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save,
-                  resets=None, zoneout_h=None, zoneout_c=None):
+                  resets=None, zoneout_h=None, zoneout_c=None, rec_mask=None):
     _check_like_x(x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr,
-                  lengths=lengths, resets=resets, zoneout_h=zoneout_h, zoneout_c=zoneout_c)
+                  lengths=lengths, resets=resets, zoneout_h=zoneout_h, zoneout_c=zoneout_c,
+                  rec_mask=rec_mask)
     T, B, _ = x.shape
     D, GH, P = w_hh.shape
     H = GH // _GATES[cell]
@@ -64,7 +66,8 @@ def _forward_fake(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, revers
 
 @torch.library.register_fake("fastrnn::backward")
 def _backward_fake(cell, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, lengths, gates, hprev, cprev, m,
-                   reverse, input_grad, resets=None, zoneout_h=None, zoneout_c=None):
+                   reverse, input_grad, resets=None, zoneout_h=None, zoneout_c=None,
+                   rec_mask=None):
     T, B, _ = x.shape
     D, GH, P = w_hh.shape
     H = GH // _GATES[cell]
@@ -91,11 +94,11 @@ def _mm_fake(a, b):
 
 def _setup_context(ctx, inputs, output):
     cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, *rest = inputs
-    resets, zoneout_h, zoneout_c = (list(rest) + [None] * 3)[:3]  # optional trailing inputs
+    extra = (list(rest) + [None] * 4)[:4]  # resets, zoneout_h, zoneout_c, rec_mask
     _, _, _, gates, hprev, cprev, m = output
     # The inputs are kept (references, no copies) for the second-order path below.
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                          gates, hprev, cprev, m, resets, zoneout_h, zoneout_c)
+                          gates, hprev, cprev, m, *extra)
     ctx.num_inputs = len(inputs)
     ctx.cell, ctx.reverse = cell, reverse
     # Intermediates kept for the backward, not functions to differentiate: no gradient
@@ -107,16 +110,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dh_n, dc_n, *_saved_grads):
     if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
         return _differentiable_backward(ctx, dy, dh_n, dc_n)
-    (x, _, _, w_ih, w_hh, _, _, w_hr, lengths, gates, hprev, cprev, m,
-     resets, zoneout_h, zoneout_c) = ctx.saved_tensors
+    x, _, _, w_ih, w_hh, _, _, w_hr, lengths, gates, hprev, cprev, m, *extra = ctx.saved_tensors
     need = ctx.needs_input_grad  # (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ...)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = backward(
         ctx.cell, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, lengths, gates, hprev, cprev, m,
-        ctx.reverse, need[1], resets, zoneout_h, zoneout_c)
+        ctx.reverse, need[1], *extra)
     lstm = ctx.cell == "lstm"
     grads = (None, dx if need[1] else None, dh0, dc0 if lstm else None, dw_ih, dw_hh,
              db_ih if need[6] else None, db_hh if need[7] else None,
-             dw_hr if w_hr is not None else None, None, None, None, None, None, None)
+             dw_hr if w_hr is not None else None, None, None, None) + (None,) * len(extra)
     return grads[:ctx.num_inputs]
 
 
@@ -130,7 +132,7 @@ def _differentiable_backward(ctx, dy, dh_n, dc_n):
     that of torch's own per-step loop, paid only when create_graph is set; first-order
     backward never comes here.
     """
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, *_, resets, zh, zc = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, *_, resets, zh, zc, rm = ctx.saved_tensors
     inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     need = ctx.needs_input_grad[1:9]
     wanted = [t for t, n in zip(inputs, need) if n]
@@ -138,12 +140,12 @@ def _differentiable_backward(ctx, dy, dh_n, dc_n):
     weights = [tuple(pick(t, d) for t in (w_ih, w_hh, b_ih, b_hh, w_hr))
                for d in range(w_hh.shape[0])]
     outs = reference.layer(ctx.cell, x, h0, c0, weights, lengths, ctx.reverse, resets=resets,
-                           zoneout_h=zh, zoneout_c=zc)
+                           zoneout_h=zh, zoneout_c=zc, rec_mask=rm)
     pairs = [(o, g) for o, g in zip(outs, (dy, dh_n, dc_n)) if o is not None and g is not None]
     got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
                                    create_graph=True, allow_unused=True)
                if pairs and wanted else [None] * len(wanted))
-    grads = (None, *(next(got) if n else None for n in need), None, None, None, None, None, None)
+    grads = (None, *(next(got) if n else None for n in need)) + (None,) * 7
     return grads[:ctx.num_inputs]
 
 

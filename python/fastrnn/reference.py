@@ -53,11 +53,16 @@ def _linear(x, w, b):
     return out if b is None else out + b
 
 
+def _fed(h, rec_mask):
+    """The h that feeds W_hh: with recurrent dropout, h * rec_mask ([B, P], fixed in time)."""
+    return h if rec_mask is None else h * rec_mask
+
+
 def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, w_hr=None, *,
-         resets=None, zoneout_h=None, zoneout_c=None):
+         resets=None, zoneout_h=None, zoneout_c=None, rec_mask=None):
     def cell(gxt, state):
         h, c = state
-        gates = gxt + _linear(h, w_hh, b_hh)
+        gates = gxt + _linear(_fed(h, rec_mask), w_hh, b_hh)
         i, f, g, o = gates.chunk(4, 1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
@@ -71,11 +76,11 @@ def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, w_hr=No
 
 
 def gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, *, resets=None,
-        zoneout_h=None):
+        zoneout_h=None, rec_mask=None):
     def cell(gxt, state):
         (h,) = state
         gx_r, gx_z, gx_n = gxt.chunk(3, 1)
-        gh_r, gh_z, gh_n = _linear(h, w_hh, b_hh).chunk(3, 1)
+        gh_r, gh_z, gh_n = _linear(_fed(h, rec_mask), w_hh, b_hh).chunk(3, 1)
         r = torch.sigmoid(gx_r + gh_r)
         z = torch.sigmoid(gx_z + gh_z)
         n = torch.tanh(gx_n + r * gh_n)
@@ -88,14 +93,14 @@ def gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, *, resets=No
 
 
 def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None, reverse=False, *,
-        resets=None, zoneout_h=None):
+        resets=None, zoneout_h=None, rec_mask=None):
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
     act = torch.tanh if nonlinearity == "tanh" else torch.relu
 
     def cell(gxt, state):
         (h,) = state
-        h_new = act(gxt + _linear(h, w_hh, b_hh))
+        h_new = act(gxt + _linear(_fed(h, rec_mask), w_hh, b_hh))
         return h_new, (h_new,)
 
     zoneout = None if zoneout_h is None else (zoneout_h,)
@@ -104,13 +109,13 @@ def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None, revers
 
 
 def layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, resets=None,
-          zoneout_h=None, zoneout_c=None):
+          zoneout_h=None, zoneout_c=None, rec_mask=None):
     """All directions of one layer, as ``fastrnn.functional.layer`` (same arguments).
 
     cell: 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'; h0 [D, B, P]; c0 [D, B, H] (LSTM) or
     None; weights: one (w_ih, w_hh, b_ih, b_hh, w_hr) tuple per direction. Direction 1
     runs reversed. zoneout_h [D, T, B, P], zoneout_c [D, T, B, H]: zoneout weights per
-    direction (see _run), or None. Returns (y [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None).
+    direction (see _run), or None; rec_mask [D, B, P]: recurrent dropout masks. Returns (y [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None).
     """
     ys, hs, cs = [], [], []
     pick = lambda t, d: None if t is None else t[d]  # noqa: E731
@@ -119,14 +124,14 @@ def layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, resets=None,
         if cell == "lstm":
             y, h, c = lstm(x, h0[d], c0[d], w_ih, w_hh, b_ih, b_hh, lengths, rev, w_hr,
                            resets=resets, zoneout_h=pick(zoneout_h, d),
-                           zoneout_c=pick(zoneout_c, d))
+                           zoneout_c=pick(zoneout_c, d), rec_mask=pick(rec_mask, d))
             cs.append(c)
         elif cell == "gru":
             y, h = gru(x, h0[d], w_ih, w_hh, b_ih, b_hh, lengths, rev, resets=resets,
-                       zoneout_h=pick(zoneout_h, d))
+                       zoneout_h=pick(zoneout_h, d), rec_mask=pick(rec_mask, d))
         else:
             y, h = rnn(x, h0[d], w_ih, w_hh, b_ih, b_hh, cell[4:], lengths, rev, resets=resets,
-                       zoneout_h=pick(zoneout_h, d))
+                       zoneout_h=pick(zoneout_h, d), rec_mask=pick(rec_mask, d))
         ys.append(y)
         hs.append(h)
     return torch.cat(ys, 2), torch.stack(hs), (torch.stack(cs) if cs else None)

@@ -34,12 +34,13 @@ struct GemmArgs {
 // every thread its own share of the rows): the running state in schedule order.
 template <class T>
 inline int64_t forward_workspace(const ForwardParams<T>& p, int gates) {
-  return 2 * p.B * p.P + 3 * p.B * p.H + gates * p.H;  // h, c ping-pong; m; zero bias
+  // h, c ping-pong; m; zero bias; h * rec_mask ping-pong
+  return 2 * p.B * p.P + 3 * p.B * p.H + gates * p.H + 2 * p.B * p.P;
 }
 template <class T>
 inline int64_t backward_workspace(const BackwardParams<T>& p, int gates) {
-  // dh, dc, dm; dgates ping-pong; zoneout's direct parts of dh and dc
-  return p.B * p.P + 2 * p.B * p.H + 2 * p.B * gates * p.H + p.B * (p.P + p.H);
+  // dh, dc, dm; dgates ping-pong; zoneout's direct parts of dh and dc; dgates W_hh
+  return p.B * p.P + 2 * p.B * p.H + 2 * p.B * gates * p.H + p.B * (p.P + p.H) + p.B * p.P;
 }
 
 struct Kernels {

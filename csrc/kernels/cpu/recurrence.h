@@ -123,6 +123,7 @@ void pack_gates(const T* w_hh, int64_t H, int64_t P, int64_t j0, int64_t hs, T* 
 template <class T>
 struct StepIo {
   const T* hin;    // [Bn, P] h entering the step
+  const T* hrec;   // [Bn, P] the h that feeds W_hh: hin, or hin * rec_mask
   const T* cin;    // [Bn, H] c entering the step (LSTM)
   T* hout;         // [Bn, P] h leaving the step (no projection)
   T* cout;         // [Bn, H] c leaving the step (LSTM)
@@ -149,7 +150,7 @@ FASTRNN_INLINE void fused_tile(const ForwardParams<T>& p, const StepIo<T>& io, c
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 16
     for (int v = 0; v < NB * G; ++v) acc[r][v] = V(T(0));
-  tile_acc<MR, NB * G>(P, io.hin + i0 * P, P, 1, panel, acc);
+  tile_acc<MR, NB * G>(P, io.hrec + i0 * P, P, 1, panel, acc);
 
 #pragma GCC unroll 8
   for (int b = 0; b < NB; ++b) {
@@ -260,6 +261,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
   T* cbuf = hbuf + 2 * Bn * P;  // [2, B, H] ping-pong c, schedule order
   T* mbuf = cbuf + 2 * Bn * H;  // [B, H] output before projection, schedule order
   T* zeros = mbuf + Bn * H;     // [G*H] stands in for a missing b_hh
+  T* hdrop = zeros + G * H;     // [2, B, P] ping-pong h * rec_mask, schedule order
   if (!p.b_hh)  // each thread reads only its own units of every gate
     for (int k = 0; k < G; ++k) std::fill(zeros + k * H + j0, zeros + k * H + j1, T(0));
 
@@ -284,11 +286,18 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
     w_proj.data = w_proj_mem.data;
   }
 
+  // Recurrent dropout: h * rec_mask for row i of the h buffer `h` (this thread's columns).
+  auto drop = [&](const T* h, T* out) {
+    for (int64_t i = 0; i < Bn; ++i)
+      for (int64_t q = p0; q < p1; ++q) out[i * P + q] = h[i * P + q] * p.rec_mask[order[i] * P + q];
+  };
+
   // Initial state into schedule order; each thread copies the columns it will update.
   for (int64_t i = 0; i < Bn; ++i) {
     std::copy(p.h0 + order[i] * P + p0, p.h0 + order[i] * P + p1, hbuf + i * P + p0);
     if (Cell::kHasCell) std::copy(p.c0 + order[i] * H + j0, p.c0 + order[i] * H + j1, cbuf + i * H + j0);
   }
+  if (p.rec_mask) drop(hbuf, hdrop);
   team.sync();  // the first step reads every column of h
 
   // Zoneout of step s at time t for the running rows (this thread's columns): each unit
@@ -327,7 +336,8 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
 
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = time_of(s, Tn, p.reverse), n = sched.active[t];
-    const StepIo<T> io{hbuf + (s % 2) * Bn * P, cbuf + (s % 2) * Bn * H,
+    const StepIo<T> io{hbuf + (s % 2) * Bn * P,
+                       (p.rec_mask ? hdrop : hbuf) + (s % 2) * Bn * P, cbuf + (s % 2) * Bn * H,
                        hbuf + ((s + 1) % 2) * Bn * P, cbuf + ((s + 1) % 2) * Bn * H, mbuf,
                        p.y + t * B * p.ldy, t * B,
                        s + 1 < Tn ? time_of(s + 1, Tn, p.reverse) * B : -1, order,
@@ -372,6 +382,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
     if (!proj) {
       zoneout(io, t, n);
       reset_next(io, s);
+      if (p.rec_mask && s + 1 < Tn) drop(io.hout, hdrop + ((s + 1) % 2) * Bn * P);
     }
     team.sync();
 
@@ -382,6 +393,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
         std::copy(io.hout + i * P + p0, io.hout + i * P + p1, io.yt + order[i] * p.ldy + p0);
       zoneout(io, t, n);
       reset_next(io, s);  // after y took this step's h
+      if (p.rec_mask && s + 1 < Tn) drop(io.hout, hdrop + ((s + 1) % 2) * Bn * P);
       team.sync();
     }
   }
@@ -417,6 +429,7 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
                              //             step may still read it while the next is written
   T* dzh = dg + 2 * Bn * GH;  // [B, P] zoneout: the part of dh that skips the cell
   T* dzc = dzh + Bn * P;      // [B, H] the same for dc
+  T* drec = dzc + Bn * H;     // [B, P] dgates W_hh, before the recurrent dropout mask
   // Packed once for the whole sequence: the column slice W_hh[:, p0:p1] (K = G*H, N = ps)
   // and, with a projection, W_hr[:, j0:j1] (K = P, N = hs).
   Buffer<T> w_rec_mem, w_proj_mem;
@@ -514,8 +527,14 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
     // others keep dh as it was, so the gradient passes through padded steps unchanged.
     if (proj)
       for (int64_t i = 0; i < n; ++i) std::fill(dh + i * P + p0, dh + i * P + p1, T(0));
-    if (ps > 0 && n > 0)
+    if (ps > 0 && n > 0 && !p.rec_mask)
       Gemm::run(w_rec, 0, w_rec.count(), n, dgs, GH, 1, T(1), nullptr, dh + p0, P);
+    if (ps > 0 && n > 0 && p.rec_mask) {  // W_hh saw h * rec_mask
+      Gemm::run(w_rec, 0, w_rec.count(), n, dgs, GH, 1, T(0), nullptr, drec + p0, P);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t q = p0; q < p1; ++q)
+          dh[i * P + q] += drec[i * P + q] * p.rec_mask[order[i] * P + q];
+    }
     if (p.zoneout_h)
       for (int64_t i = 0; i < n; ++i)
         for (int64_t q = p0; q < p1; ++q) dh[i * P + q] += dzh[i * P + q];
