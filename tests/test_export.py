@@ -293,6 +293,17 @@ def test_onnx_proj_size_is_refused_by_name():
         torch.onnx.export(model, (torch.randn(4, 2, 3),), dynamo=True, verbose=False)
 
 
+@pytest.mark.parametrize("model, kwargs, name", [
+    (lambda: fastrnn.GRU(3, 5, zoneout=0.2), {}, "zoneout"),
+    (lambda: fastrnn.LSTM(3, 5), {"resets": torch.rand(4, 2) < 0.5}, "resets="),
+])
+def test_onnx_extensions_are_refused_by_name(model, kwargs, name):
+    model = model().eval()
+    with pytest.raises(torch.onnx.OnnxExporterError, match=name):
+        torch.onnx.export(model, (torch.randn(4, 2, 3),), kwargs=kwargs, dynamo=True,
+                          verbose=False)
+
+
 def run_python(script, check=True):
     """Runs ``script`` in a fresh interpreter; returns its stdout and stderr together."""
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)],

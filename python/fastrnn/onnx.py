@@ -20,7 +20,8 @@ How a ``fastrnn::forward`` call maps to the ONNX node (opset 14+ semantics):
   graph transposes around it, and those Transposes export as ONNX Transpose nodes.
   onnxruntime's CPU LSTM/GRU/RNN kernels reject ``layout=1`` ("Batchwise recurrent
   operations (layout == 1) are not supported"), so a layout-1 node would not run there.
-- LSTM ``proj_size`` has no ONNX equivalent: export raises an error naming it.
+- LSTM ``proj_size`` has no ONNX equivalent: export raises an error naming it. So have
+  ``resets=``, ``zoneout`` (which still acts in eval) and ``recurrent_dropout``.
 """
 import importlib.abc
 import importlib.util
@@ -35,7 +36,8 @@ _NODE = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
 _OP_NAME = "fastrnn::forward"
 
 
-def _forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
+def _forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save,
+             resets=None, zoneout_h=None, zoneout_c=None, rec_mask=None):
     """ONNX translation of ``fastrnn::forward`` (traced by onnxscript, so plain Python
     runs here and only the ``op.*`` calls become nodes)."""
     from onnxscript.onnx_opset import opset18 as op
@@ -44,6 +46,12 @@ def _forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, sa
         raise NotImplementedError(
             "fastrnn: ONNX export of an LSTM with proj_size > 0 is not supported: the "
             "standard ONNX LSTM operator has no output projection (proj_size)")
+    for name, t in (("resets=", resets), ("zoneout", zoneout_h),
+                    ("recurrent_dropout", rec_mask)):
+        if t is not None:
+            raise NotImplementedError(
+                f"fastrnn: ONNX export with {name} is not supported: the standard ONNX "
+                f"LSTM/GRU/RNN operators have no equivalent")
     D, GH, _ = w_hh.shape  # static: weights have fixed shapes
     order = _GATE_ORDER[cell]
     H = GH // len(order)

@@ -286,10 +286,13 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
     w_proj.data = w_proj_mem.data;
   }
 
-  // Recurrent dropout: h * rec_mask for row i of the h buffer `h` (this thread's columns).
+  // Recurrent dropout: out = h * rec_mask for every row of an h buffer in schedule order
+  // (this thread's columns), the copy of h the next step's recurrent GEMM reads.
   auto drop = [&](const T* h, T* out) {
-    for (int64_t i = 0; i < Bn; ++i)
-      for (int64_t q = p0; q < p1; ++q) out[i * P + q] = h[i * P + q] * p.rec_mask[order[i] * P + q];
+    for (int64_t i = 0; i < Bn; ++i) {
+      const T* mask = p.rec_mask + order[i] * P;
+      for (int64_t q = p0; q < p1; ++q) out[i * P + q] = h[i * P + q] * mask[q];
+    }
   };
 
   // Initial state into schedule order; each thread copies the columns it will update.
