@@ -434,12 +434,17 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
   T* dzc = dzh + Bn * P;      // [B, H] the same for dc
   T* drec = dzc + Bn * H;     // [B, P] dgates W_hh, before the recurrent dropout mask
   // Packed once for the whole sequence: the column slice W_hh[:, p0:p1] (K = G*H, N = ps)
-  // and, with a projection, W_hr[:, j0:j1] (K = P, N = hs).
+  // and, with a projection, W_hr[:, j0:j1] (K = P, N = hs). The recurrent product takes
+  // the GEMM tile that pads ps less (the bits are the same with either).
+  using Wide = typename Gemm::Wider;
+  auto padding = [ps](int64_t w) { return (ps + w - 1) / w * w - ps; };
+  const bool wide = padding(Wide::kWidth) < padding(Gemm::kWidth);
+  const int64_t rec_width = wide ? Wide::kWidth : Gemm::kWidth;
   Buffer<T> w_rec_mem, w_proj_mem;
-  Panels<T> w_rec{nullptr, GH, ps, Gemm::kWidth}, w_proj{nullptr, P, proj ? hs : 0, Gemm::kWidth};
+  Panels<T> w_rec{nullptr, GH, ps, rec_width}, w_proj{nullptr, P, proj ? hs : 0, Gemm::kWidth};
   if (w_rec.N > 0) {
-    w_rec_mem.resize(w_rec.count() * GH * Gemm::kWidth);
-    pack_panels<V>(p.w_hh + p0, P, 1, GH, ps, Gemm::kWidth, 0, w_rec.count(), w_rec_mem.data);
+    w_rec_mem.resize(w_rec.count() * GH * rec_width);
+    pack_panels<V>(p.w_hh + p0, P, 1, GH, ps, rec_width, 0, w_rec.count(), w_rec_mem.data);
     w_rec.data = w_rec_mem.data;
   }
   if (w_proj.N > 0) {
@@ -447,6 +452,13 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
     pack_panels<V>(p.w_hr + j0, H, 1, P, hs, Gemm::kWidth, 0, w_proj.count(), w_proj_mem.data);
     w_proj.data = w_proj_mem.data;
   }
+  // out[:n, p0:p1] (+)= a[:n] W_hh[:, p0:p1], a [n, G*H]
+  auto recurrent = [&](const T* a, int64_t n, T beta, T* out) {
+    if (wide)
+      Wide::run(w_rec, 0, w_rec.count(), n, a, GH, 1, beta, nullptr, out + p0, P);
+    else
+      Gemm::run(w_rec, 0, w_rec.count(), n, a, GH, 1, beta, nullptr, out + p0, P);
+  };
 
   for (int64_t i = 0; i < Bn; ++i) {
     const int64_t b = order[i];
@@ -531,9 +543,9 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
     if (proj)
       for (int64_t i = 0; i < n; ++i) std::fill(dh + i * P + p0, dh + i * P + p1, T(0));
     if (ps > 0 && n > 0 && !p.rec_mask)
-      Gemm::run(w_rec, 0, w_rec.count(), n, dgs, GH, 1, T(1), nullptr, dh + p0, P);
+      recurrent(dgs, n, T(1), dh);
     if (ps > 0 && n > 0 && p.rec_mask) {  // W_hh saw h * rec_mask
-      Gemm::run(w_rec, 0, w_rec.count(), n, dgs, GH, 1, T(0), nullptr, drec + p0, P);
+      recurrent(dgs, n, T(0), drec);
       for (int64_t i = 0; i < n; ++i)
         for (int64_t q = p0; q < p1; ++q)
           dh[i * P + q] += drec[i * P + q] * p.rec_mask[order[i] * P + q];
