@@ -3,7 +3,8 @@
 On a layer so small that the kernel does almost nothing (T=1, B=1, I=H=8 by default),
 times, median of many calls:
   module     fastrnn.LSTM/GRU/RNN(x) (argument checks, state, weights, autograd wiring)
-  op         torch.ops.fastrnn.forward on the same, already prepared arguments
+  op         the op on the same, already prepared arguments, as the module calls it
+             (fastrnn.ops.run_forward: torch.ops.fastrnn.forward and its autograd)
   torch.nn   the torch.nn module, for reference
 and reports module - op as the Python overhead per layer call, in inference
 (torch.inference_mode) and with autograd recording (training forward).
@@ -63,11 +64,12 @@ def main(argv=None):
         w = [t.unsqueeze(0) for t in (fast.weight_ih_l0, fast.weight_hh_l0, fast.bias_ih_l0,
                                       fast.bias_hh_l0)]
         h0 = torch.zeros(1, B, H)
+        run = getattr(ops, "run_forward", ops.forward)  # older fastrnn: the op itself
         for mode in ("inference", "training"):
             save = mode == "training"
 
             def op_call():
-                return ops.forward(cell, x, h0, h0 if lstm else None, *w, None, None, False, save)
+                return run(cell, x, h0, h0 if lstm else None, *w, None, None, False, save)
 
             if save:
                 times = [per_call_us(f, args.repeats) for f in (lambda: fast(x), op_call,

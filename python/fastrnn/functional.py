@@ -59,7 +59,7 @@ def layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, resets=None,
         w_ih, w_hh, b_ih, b_hh, w_hr = (None if t is None else t.unsqueeze(0) for t in weights[0])
     else:
         w_ih, w_hh, b_ih, b_hh, w_hr = (_stack(list(ws)) for ws in zip(*weights))
-    y, h_n, c_n, *_ = ops.forward(
+    y, h_n, c_n, *_ = ops.run_forward(
         cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _lengths(lengths, x), reverse,
         _save(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), resets, zoneout_h, zoneout_c, rec_mask)
     return y, h_n, (c_n if cell == "lstm" else None)

@@ -152,6 +152,33 @@ def _differentiable_backward(ctx, dy, dh_n, dc_n):
 torch.library.register_autograd("fastrnn::forward", _backward, setup_context=_setup_context)
 
 
+class _Forward(torch.autograd.Function):
+    """fastrnn::forward with the formula registered above, for plain eager calls: the
+    registered wrapper re-fills the schema's default arguments on every call (about 40 us
+    for this schema, most of a small layer's Python cost); this one skips that."""
+
+    @staticmethod
+    def forward(ctx, *args):  # with ctx, not setup_context: apply then skips a signature bind
+        out = forward(*args)
+        _setup_context(ctx, args, out)
+        return out
+
+    backward = staticmethod(_backward)
+
+
+def run_forward(*args):
+    """fastrnn::forward(*args). In eager autograd it goes through _Forward; under tracing
+    (torch.compile, export), autocast (whose kernel must see the call first) or a functorch
+    transform, through the op's registered autograd."""
+    if (torch.is_grad_enabled()
+            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+            and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled(args[1].device.type)
+            and not torch._C._are_functorch_transforms_active()):
+        return _Forward.apply(*args)
+    return forward(*args)
+
+
 # Autocast. The CPU kernels compute in float32 or float64 only, so under CPU autocast
 # the op runs in float32 (float32/bfloat16/float16 inputs are cast up) and y, h_n and c_n
 # come back in the autocast dtype, as torch.nn.LSTM's do there; the recurrence itself is
