@@ -346,6 +346,14 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
                        s + 1 < Tn ? time_of(s + 1, Tn, p.reverse) * B : -1, order,
                        p.b_hh ? p.b_hh : zeros, saving, proj};
 
+    // The other threads wrote most of h: when it fits in L1 (small batches, where a step
+    // is short), ask for all its lines at once, so the transfers between cores overlap
+    // instead of stalling the first tile one line at a time.
+    if (team.size > 1 && n * P * static_cast<int64_t>(sizeof(T)) <= 16384)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t q = 0; q < P; q += 64 / static_cast<int64_t>(sizeof(T)))
+          __builtin_prefetch(io.hrec + i * P + q);
+
     // The running rows (a prefix): fused tiles, unit block by unit block so each block's
     // panel is reused by every row tile while it is in L1/L2.
     for (int64_t u = 0; u < blocks; ++u) {
