@@ -84,6 +84,14 @@ struct Vec {
 // In-register transpose of an N x N block held as N vectors (row r in v[r]): stages of
 // block width W = N/2 .. 1, each swapping the off-diagonal W x W blocks of every 2W x 2W
 // block, N log2 N two-source shuffles in all. Packing transposes weights with it.
+// __builtin_shufflevector is GCC 12+ and Clang; older compilers take the lane-by-lane copy.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define FASTRNN_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+
+#ifdef FASTRNN_HAS_SHUFFLEVECTOR
 template <int W, class Raw, size_t... I>
 FASTRNN_INLINE Raw shuffle_lo(Raw a, Raw b, std::index_sequence<I...>) {
   constexpr int N = sizeof...(I);
@@ -94,8 +102,11 @@ FASTRNN_INLINE Raw shuffle_hi(Raw a, Raw b, std::index_sequence<I...>) {
   constexpr int N = sizeof...(I);
   return __builtin_shufflevector(a, b, ((I / W) % 2 == 0 ? int(I + W) : int(N + I))...);
 }
+#endif
+
 template <int W = 0, class T, int N>
 FASTRNN_INLINE void transpose(Vec<T, N> (&v)[N]) {
+#ifdef FASTRNN_HAS_SHUFFLEVECTOR
   constexpr int w = W == 0 ? N / 2 : W;
   if constexpr (w >= 1) {
 #pragma GCC unroll 16
@@ -107,6 +118,12 @@ FASTRNN_INLINE void transpose(Vec<T, N> (&v)[N]) {
     }
     if constexpr (w > 1) transpose<w / 2>(v);
   }
+#else
+  Vec<T, N> t[N];
+  for (int r = 0; r < N; ++r)
+    for (int c = 0; c < N; ++c) t[c].v[r] = v[r].v[c];
+  for (int r = 0; r < N; ++r) v[r] = t[r];
+#endif
 }
 
 // a > b ? x : y, lane by lane.
