@@ -154,3 +154,15 @@ def test_converted_model_pickles_and_copies():
                   torch.load(buf, weights_only=False)):
         assert recurrent_types(other) == recurrent_types(model)
         torch.testing.assert_close(other(x), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("attr", ["zoneout", "recurrent_dropout", "weight_dropout"])
+def test_to_torch_refuses_fastrnn_only_regularisers(attr):
+    # torch.nn would silently train without them: refuse, and convert nothing.
+    model = torch.nn.Sequential(fastrnn.GRU(4, 5), fastrnn.LSTM(5, 6, **{attr: 0.25}))
+    with pytest.raises(ValueError, match=f"LSTM \\(1\\) has {attr}=0.25"):
+        fastrnn.to_torch(model)
+    assert type(model[0]) is fastrnn.GRU and type(model[1]) is fastrnn.LSTM
+    setattr(model[1], attr, 0.0)
+    fastrnn.to_torch(model)
+    assert type(model[0]) is torch.nn.GRU and type(model[1]) is torch.nn.LSTM

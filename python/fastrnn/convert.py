@@ -40,6 +40,25 @@ def convert(model):
     return _swap(model, _TO_FAST)
 
 
+_ONLY_FASTRNN = ("zoneout", "recurrent_dropout", "weight_dropout")
+
+
 def to_torch(model):
-    """Reverse of :func:`convert`: fastrnn modules become torch.nn ones in place."""
+    """Reverse of :func:`convert`: fastrnn modules become torch.nn ones in place.
+
+    Raises ValueError, converting nothing, if a module uses a regulariser that torch.nn
+    does not have (``zoneout``, ``recurrent_dropout``, ``weight_dropout`` not 0): the
+    torch.nn module would silently train without it.
+    """
+    for name, module in model.named_modules():
+        if type(module) not in _TO_TORCH:
+            continue
+        for attr in _ONLY_FASTRNN:
+            p = module.__dict__.get(attr, 0.0)
+            if p:
+                where = f" ({name})" if name else ""
+                raise ValueError(
+                    f"fastrnn.to_torch: {type(module).__name__}{where} has {attr}={p}, which "
+                    f"torch.nn.{_TO_TORCH[type(module)].__name__} does not have; set it to 0 "
+                    f"first to convert")
     return _swap(model, _TO_TORCH)
