@@ -159,7 +159,8 @@ class _Forward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):  # with ctx, not setup_context: apply then skips a signature bind
-        out = forward(*args)
+        with torch._C._AutoDispatchBelowAutograd():  # grad is off here: skip the op's
+            out = forward(*args)                     # autograd kernel, straight to the backend
         _setup_context(ctx, args, out)
         return out
 
