@@ -38,17 +38,33 @@ def make_inputs(cell, T, B, I, H, dtype=torch.float64, bias=True, proj=0, seed=0
     )
 
 
-def call(impl, cell, inp, lengths=None, reverse=False):
-    """Run fastrnn.functional or fastrnn.reference with the arguments of `cell`."""
+# (T, B, I, H) for the extensions' kernel tests: tiny, one thread; hidden split over
+# threads (B=3); row split (B=17).
+EXTENSION_SIZES = [(1, 1, 1, 1), (7, 3, 4, 6), (12, 3, 24, 130), (11, 17, 8, 40)]
+
+
+def call(impl, cell, inp, lengths=None, reverse=False, **extras):
+    """Run fastrnn.functional or fastrnn.reference with the arguments of `cell`; extras
+    (resets, zoneout_h, zoneout_c, rec_mask) are passed where given."""
     common = (inp["w_ih"], inp["w_hh"], inp["b_ih"], inp["b_hh"])
+    kw = dict(lengths=lengths, reverse=reverse, **{k: v for k, v in extras.items() if v is not None})
     if cell == "lstm":
-        kw = {"w_hr": inp["w_hr"]} if inp["w_hr"] is not None else {}
-        return impl.lstm(inp["x"], inp["h0"], inp["c0"], *common, lengths=lengths,
-                         reverse=reverse, **kw)
+        if inp["w_hr"] is not None:
+            kw["w_hr"] = inp["w_hr"]
+        return impl.lstm(inp["x"], inp["h0"], inp["c0"], *common, **kw)
     if cell == "gru":
-        return impl.gru(inp["x"], inp["h0"], *common, lengths=lengths, reverse=reverse)
-    return impl.rnn(inp["x"], inp["h0"], *common, nonlinearity=cell[4:], lengths=lengths,
-                    reverse=reverse)
+        return impl.gru(inp["x"], inp["h0"], *common, **kw)
+    return impl.rnn(inp["x"], inp["h0"], *common, nonlinearity=cell[4:], **kw)
+
+
+def check_parity(cell, inp, tol, lengths=None, reverse=False, **extras):
+    """fastrnn.functional against fastrnn.reference: every output and every gradient."""
+    outs = call(F, cell, inp, lengths, reverse, **extras)
+    refs = call(R, cell, inp, lengths, reverse, **extras)
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o, r, **tol)
+    for (k, g), (_, gr) in zip(grads(outs, inp).items(), grads(refs, inp).items()):
+        torch.testing.assert_close(g, gr, **tol, msg=lambda m: f"grad of {k}: {m}")
 
 
 def leaves(inp):

@@ -7,14 +7,11 @@ import torch
 import fastrnn
 from fastrnn import functional as F
 from fastrnn import ops
-
 from fastrnn import reference as R
 
-from test_functional import CELLS, grads, leaves, lengths_for, make_inputs, op_args
+from test_functional import (CELLS, EXTENSION_SIZES as SIZES, call, check_parity, leaves,
+                             lengths_for, make_inputs, op_args)
 from test_zoneout import KINDS, module, zoneout_for
-
-# (T, B, I, H): tiny; hidden split over threads (B=3); row split (B=17).
-SIZES = [(1, 1, 1, 1), (7, 3, 4, 6), (12, 3, 24, 130), (11, 17, 8, 40)]
 
 
 def mask_for(inp, kind, seed):
@@ -23,27 +20,6 @@ def mask_for(inp, kind, seed):
     B, P = inp["h0"].shape
     u = torch.rand(B, P, generator=g, dtype=inp["x"].dtype)
     return (u > 0.3).to(u.dtype) / 0.7 if kind == "drop" else u * 2
-
-
-def call(impl, cell, inp, lengths=None, reverse=False, rec_mask=None, resets=None, zh=None,
-         zc=None):
-    common = (inp["w_ih"], inp["w_hh"], inp["b_ih"], inp["b_hh"])
-    kw = dict(lengths=lengths, reverse=reverse, resets=resets, zoneout_h=zh, rec_mask=rec_mask)
-    if cell == "lstm":
-        return impl.lstm(inp["x"], inp["h0"], inp["c0"], *common, w_hr=inp["w_hr"],
-                         zoneout_c=zc, **kw)
-    if cell == "gru":
-        return impl.gru(inp["x"], inp["h0"], *common, **kw)
-    return impl.rnn(inp["x"], inp["h0"], *common, nonlinearity=cell[4:], **kw)
-
-
-def check_parity(cell, inp, tol, *args, **kw):
-    outs = call(F, cell, inp, *args, **kw)
-    refs = call(R, cell, inp, *args, **kw)
-    for o, r in zip(outs, refs):
-        torch.testing.assert_close(o, r, **tol)
-    for (k, g), (_, gr) in zip(grads(outs, inp).items(), grads(refs, inp).items()):
-        torch.testing.assert_close(g, gr, **tol, msg=lambda m: f"grad of {k}: {m}")
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
@@ -59,7 +35,7 @@ def test_matches_reference_fp64(cell, reverse, lengths, kind, size):
     cell = cell.replace("_proj", "")
     inp = make_inputs(cell, T, B, I, H, proj=proj, seed=sum(size))
     check_parity(cell, inp, dict(atol=1e-10, rtol=0), lengths_for(lengths, T, B), reverse,
-                 mask_for(inp, kind, seed=T))
+                 rec_mask=mask_for(inp, kind, seed=T))
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -72,7 +48,8 @@ def test_with_resets_and_zoneout(cell, reverse):
     zh, zc = zoneout_for(cell, inp, "mask", seed=3)
     resets = torch.rand(T, B, generator=torch.Generator().manual_seed(4)) < 0.3
     check_parity(cell, inp, dict(atol=1e-10, rtol=0), lengths_for("mixed", T, B), reverse,
-                 mask_for(inp, "drop", seed=5), resets, zh, zc)
+                 rec_mask=mask_for(inp, "drop", seed=5), resets=resets, zoneout_h=zh,
+                 zoneout_c=zc)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -80,7 +57,7 @@ def test_matches_reference_fp32(cell):
     T, B, I, H = 20, 5, 16, 48
     inp = make_inputs(cell, T, B, I, H, dtype=torch.float32, seed=3)
     check_parity(cell, inp, dict(atol=2e-5, rtol=2e-5), lengths_for("mixed", T, B), True,
-                 mask_for(inp, "drop", seed=5))
+                 rec_mask=mask_for(inp, "drop", seed=5))
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -95,7 +72,7 @@ def test_gradcheck(cell, lengths, reverse):
     lens = torch.tensor(lengths) if lengths else None
 
     def fn(*args):
-        return call(F, cell, dict(inp, **dict(zip(names, args))), lens, reverse, mask)
+        return call(F, cell, dict(inp, **dict(zip(names, args))), lens, reverse, rec_mask=mask)
 
     assert torch.autograd.gradcheck(fn, [inp[k] for k in names])
 

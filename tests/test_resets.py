@@ -9,36 +9,13 @@ from fastrnn import functional as F
 from fastrnn import ops
 from fastrnn import reference as R
 
-from test_functional import CELLS, grads, leaves, lengths_for, make_inputs, op_args
-
-# (T, B, I, H): tiny, one thread; hidden split over threads (B=3); row split (B=17).
-SIZES = [(1, 1, 1, 1), (7, 3, 4, 6), (12, 3, 24, 130), (11, 17, 8, 40)]
+from test_functional import (CELLS, EXTENSION_SIZES as SIZES, call, check_parity, leaves,
+                             lengths_for, make_inputs, op_args)
 
 
 def random_resets(T, B, seed=0, p=0.3):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(T, B, generator=g) < p
-
-
-def call(impl, cell, inp, lengths=None, reverse=False, resets=None):
-    common = (inp["w_ih"], inp["w_hh"], inp["b_ih"], inp["b_hh"])
-    if cell == "lstm":
-        return impl.lstm(inp["x"], inp["h0"], inp["c0"], *common, lengths=lengths,
-                         reverse=reverse, w_hr=inp["w_hr"], resets=resets)
-    if cell == "gru":
-        return impl.gru(inp["x"], inp["h0"], *common, lengths=lengths, reverse=reverse,
-                        resets=resets)
-    return impl.rnn(inp["x"], inp["h0"], *common, nonlinearity=cell[4:], lengths=lengths,
-                    reverse=reverse, resets=resets)
-
-
-def check_parity(cell, inp, lens, reverse, resets, tol):
-    outs = call(F, cell, inp, lens, reverse, resets)
-    refs = call(R, cell, inp, lens, reverse, resets)
-    for o, r in zip(outs, refs):
-        torch.testing.assert_close(o, r, **tol)
-    for (k, g), (_, gr) in zip(grads(outs, inp).items(), grads(refs, inp).items()):
-        torch.testing.assert_close(g, gr, **tol, msg=lambda m: f"grad of {k}: {m}")
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
@@ -53,8 +30,8 @@ def test_matches_reference_fp64(cell, reverse, lengths, size):
     cell = cell.replace("_proj", "")
     inp = make_inputs(cell, T, B, I, H, proj=proj, seed=sum(size))
     lens = lengths_for(lengths, T, B)
-    check_parity(cell, inp, lens, reverse, random_resets(T, B, seed=T * B),
-                 dict(atol=1e-10, rtol=0))
+    check_parity(cell, inp, dict(atol=1e-10, rtol=0), lens, reverse,
+                 resets=random_resets(T, B, seed=T * B))
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -63,8 +40,8 @@ def test_matches_reference_fp32(cell, reverse):
     T, B, I, H = 20, 5, 16, 48
     inp = make_inputs(cell, T, B, I, H, dtype=torch.float32, seed=3)
     lens = lengths_for("mixed", T, B)
-    check_parity(cell, inp, lens, reverse, random_resets(T, B, seed=4),
-                 dict(atol=2e-5, rtol=2e-5))
+    check_parity(cell, inp, dict(atol=2e-5, rtol=2e-5), lens, reverse,
+                 resets=random_resets(T, B, seed=4))
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -79,7 +56,7 @@ def test_gradcheck(cell, lengths, reverse):
     resets = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)
 
     def fn(*args):
-        return call(F, cell, dict(inp, **dict(zip(names, args))), lens, reverse, resets)
+        return call(F, cell, dict(inp, **dict(zip(names, args))), lens, reverse, resets=resets)
 
     assert torch.autograd.gradcheck(fn, [inp[k] for k in names])
 
@@ -89,14 +66,14 @@ def test_no_flags_equals_no_resets(cell):
     inp = make_inputs(cell, 9, 4, 5, 8)
     lens = torch.tensor([9, 3, 0, 6])
     for reverse in (False, True):
-        got = call(F, cell, inp, lens, reverse, torch.zeros(9, 4, dtype=torch.bool))
+        got = call(F, cell, inp, lens, reverse, resets=torch.zeros(9, 4, dtype=torch.bool))
         want = call(F, cell, inp, lens, reverse)
         for g, w in zip(got, want):
             assert torch.equal(g, w)
     # A flag on the first step restarts from the state the step has anyway.
     first = torch.zeros(9, 4, dtype=torch.bool)
     first[0] = True
-    for g, w in zip(call(F, cell, inp, None, False, first), call(F, cell, inp)):
+    for g, w in zip(call(F, cell, inp, resets=first), call(F, cell, inp)):
         assert torch.equal(g, w)
 
 

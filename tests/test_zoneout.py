@@ -9,10 +9,8 @@ from fastrnn import functional as F
 from fastrnn import ops
 from fastrnn import reference as R
 
-from test_functional import CELLS, grads, leaves, lengths_for, make_inputs, op_args
-
-# (T, B, I, H): tiny; hidden split over threads (B=3); row split (B=17).
-SIZES = [(1, 1, 1, 1), (7, 3, 4, 6), (12, 3, 24, 130), (11, 17, 8, 40)]
+from test_functional import (CELLS, EXTENSION_SIZES as SIZES, call, check_parity, leaves,
+                             lengths_for, make_inputs, op_args)
 
 
 def weights(T, B, n, kind, seed, dtype=torch.float64):
@@ -22,19 +20,6 @@ def weights(T, B, n, kind, seed, dtype=torch.float64):
     return (u < 0.4).to(dtype) if kind == "mask" else u
 
 
-def call(impl, cell, inp, lengths=None, reverse=False, resets=None, zh=None, zc=None):
-    common = (inp["w_ih"], inp["w_hh"], inp["b_ih"], inp["b_hh"])
-    if cell == "lstm":
-        return impl.lstm(inp["x"], inp["h0"], inp["c0"], *common, lengths=lengths,
-                         reverse=reverse, w_hr=inp["w_hr"], resets=resets, zoneout_h=zh,
-                         zoneout_c=zc)
-    if cell == "gru":
-        return impl.gru(inp["x"], inp["h0"], *common, lengths=lengths, reverse=reverse,
-                        resets=resets, zoneout_h=zh)
-    return impl.rnn(inp["x"], inp["h0"], *common, nonlinearity=cell[4:], lengths=lengths,
-                    reverse=reverse, resets=resets, zoneout_h=zh)
-
-
 def zoneout_for(cell, inp, kind, seed):
     T, B, _ = inp["x"].shape
     P, H = inp["h0"].shape[1], inp["w_hh"].shape[0] // {"lstm": 4, "gru": 3}.get(cell, 1)
@@ -42,15 +27,6 @@ def zoneout_for(cell, inp, kind, seed):
     zh = weights(T, B, P, kind, seed, dtype)
     zc = weights(T, B, H, kind, seed + 1, dtype) if cell == "lstm" else None
     return zh, zc
-
-
-def check_parity(cell, inp, lens, reverse, resets, zh, zc, tol):
-    outs = call(F, cell, inp, lens, reverse, resets, zh, zc)
-    refs = call(R, cell, inp, lens, reverse, resets, zh, zc)
-    for o, r in zip(outs, refs):
-        torch.testing.assert_close(o, r, **tol)
-    for (k, g), (_, gr) in zip(grads(outs, inp).items(), grads(refs, inp).items()):
-        torch.testing.assert_close(g, gr, **tol, msg=lambda m: f"grad of {k}: {m}")
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
@@ -66,8 +42,8 @@ def test_matches_reference_fp64(cell, reverse, lengths, kind, size):
     cell = cell.replace("_proj", "")
     inp = make_inputs(cell, T, B, I, H, proj=proj, seed=sum(size))
     zh, zc = zoneout_for(cell, inp, kind, seed=T + B)
-    check_parity(cell, inp, lengths_for(lengths, T, B), reverse, None, zh, zc,
-                 dict(atol=1e-10, rtol=0))
+    check_parity(cell, inp, dict(atol=1e-10, rtol=0), lengths_for(lengths, T, B), reverse,
+                 zoneout_h=zh, zoneout_c=zc)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -79,8 +55,8 @@ def test_with_resets(cell, reverse):
     inp = make_inputs(cell, T, B, 6, 9, proj=proj, seed=2)
     zh, zc = zoneout_for(cell, inp, "mask", seed=3)
     resets = torch.rand(T, B, generator=torch.Generator().manual_seed(4)) < 0.3
-    check_parity(cell, inp, lengths_for("mixed", T, B), reverse, resets, zh, zc,
-                 dict(atol=1e-10, rtol=0))
+    check_parity(cell, inp, dict(atol=1e-10, rtol=0), lengths_for("mixed", T, B), reverse,
+                 resets=resets, zoneout_h=zh, zoneout_c=zc)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -88,8 +64,8 @@ def test_matches_reference_fp32(cell):
     T, B, I, H = 20, 5, 16, 48
     inp = make_inputs(cell, T, B, I, H, dtype=torch.float32, seed=3)
     zh, zc = zoneout_for(cell, inp, "mix", seed=5)
-    check_parity(cell, inp, lengths_for("mixed", T, B), True, None, zh, zc,
-                 dict(atol=2e-5, rtol=2e-5))
+    check_parity(cell, inp, dict(atol=2e-5, rtol=2e-5), lengths_for("mixed", T, B), True,
+                 zoneout_h=zh, zoneout_c=zc)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -104,7 +80,8 @@ def test_gradcheck(cell, lengths, reverse):
     lens = torch.tensor(lengths) if lengths else None
 
     def fn(*args):
-        return call(F, cell, dict(inp, **dict(zip(names, args))), lens, reverse, None, zh, zc)
+        return call(F, cell, dict(inp, **dict(zip(names, args))), lens, reverse,
+                    zoneout_h=zh, zoneout_c=zc)
 
     assert torch.autograd.gradcheck(fn, [inp[k] for k in names])
 
