@@ -93,15 +93,34 @@ struct Lstm {
   static constexpr bool kUsesPrevH = false;
   static constexpr bool kSplitGrad = false;
 
+  static constexpr bool kLayerNorm = false;
+
+  // The gates and the new cell state c (save: activated i, f, g, o).
   template <class T>
-  FASTRNN_HD static void forward(const T* xg, const T* hg, T /*hp*/, T cp, T& h, T& c, T* save) {
+  FASTRNN_HD static void state(const T* xg, const T* hg, T cp, T& c, T* save) {
     const T i = sigmoid(xg[0] + hg[0]);
     const T f = sigmoid(xg[1] + hg[1]);
     const T g = tanh_act(xg[2] + hg[2]);
     const T o = sigmoid(xg[3] + hg[3]);
     c = f * cp + i * g;
-    h = o * tanh_act(c);
     save[0] = i; save[1] = f; save[2] = g; save[3] = o;
+  }
+
+  template <class T>
+  FASTRNN_HD static void forward(const T* xg, const T* hg, T /*hp*/, T cp, T& h, T& c, T* save) {
+    state(xg, hg, cp, c, save);
+    h = save[3] * tanh_act(c);
+  }
+
+  // state's backward: dct, the total gradient w.r.t. the new c, to the i, f, g parts of
+  // dgx and to dc, the gradient w.r.t. the previous c.
+  template <class T>
+  FASTRNN_HD static void state_backward(const T* save, T cp, T dct, T* dgx, T& dc) {
+    const T i = save[0], f = save[1], g = save[2];
+    dgx[0] = dct * g * i * (T(1) - i);
+    dgx[1] = dct * cp * f * (T(1) - f);
+    dgx[2] = dct * i * (T(1) - g * g);
+    dc = dct * f;
   }
 
   template <class T>
@@ -110,12 +129,9 @@ struct Lstm {
     const T i = save[0], f = save[1], g = save[2], o = save[3];
     const T tc = tanh_act(f * cp + i * g);  // recomputed rather than stored
     const T dct = dc + dh * o * (T(1) - tc * tc);
-    dgx[0] = dct * g * i * (T(1) - i);
-    dgx[1] = dct * cp * f * (T(1) - f);
-    dgx[2] = dct * i * (T(1) - g * g);
     dgx[3] = dh * tc * o * (T(1) - o);
+    state_backward(save, cp, dct, dgx, dc);
     for (int k = 0; k < 4; ++k) dgh[k] = dgx[k];
-    dc = dct * f;
     dhp = T(0);
   }
 };
@@ -126,6 +142,7 @@ struct Gru {
   static constexpr bool kHasCell = false;
   static constexpr bool kUsesPrevH = true;
   static constexpr bool kSplitGrad = true;
+  static constexpr bool kLayerNorm = false;
 
   template <class T>
   FASTRNN_HD static void forward(const T* xg, const T* hg, T hp, T /*cp*/, T& h, T& /*c*/,
@@ -157,6 +174,7 @@ struct Rnn {
   static constexpr bool kHasCell = false;
   static constexpr bool kUsesPrevH = false;
   static constexpr bool kSplitGrad = false;
+  static constexpr bool kLayerNorm = false;
 
   template <class T>
   FASTRNN_HD static void forward(const T* xg, const T* hg, T /*hp*/, T /*cp*/, T& h, T& /*c*/,
@@ -176,6 +194,52 @@ struct Rnn {
   }
 };
 
+// ---- LayerNorm cells (Ba et al. 2016) --------------------------------------------------
+// The recurrent parts are layer-normalised over the whole G*H gate vector of a row before
+// the cell math: hg = ln_w * norm(h W_hh^T) + ln_b (+ b_hh). The driver does that (it needs
+// the whole row), and saves the normalised values norm(h W_hh^T) after the cell's own,
+// at save[kNorm + k]. The input parts arrive normalised.
+
+struct LnGru : Gru {
+  static constexpr bool kLayerNorm = true;
+  static constexpr int kNorm = Gru::kSaved;            // r, z, n, hg_n, then the norms
+  static constexpr int kSaved = Gru::kSaved + kGates;
+};
+
+// LayerNorm LSTM also normalises the new c over the row's H units before the output's
+// tanh: h = o * tanh(lnc_w * norm(c) + lnc_b). The driver runs state(), the statistics of
+// c, then output().
+struct LnLstm {
+  static constexpr int kGates = 4;
+  static constexpr int kNorm = 4;                      // i, f, g, o, then the norms
+  static constexpr int kNormC = kNorm + kGates;        // then norm(c)
+  static constexpr int kSaved = kNormC + 1;
+  static constexpr bool kHasCell = true;
+  static constexpr bool kUsesPrevH = false;
+  static constexpr bool kSplitGrad = false;
+  static constexpr bool kLayerNorm = true;
+
+  template <class T>
+  FASTRNN_HD static void state(const T* xg, const T* hg, T cp, T& c, T* save) {
+    Lstm::state(xg, hg, cp, c, save);
+  }
+  // o: the activated output gate; cn = norm(c); w, b: LN_c's weight and bias.
+  template <class T>
+  FASTRNN_HD static T output(T o, T cn, T w, T b) { return o * tanh_act(w * cn + b); }
+  // output's backward: dgo, the gradient w.r.t. o's pre-activation, and du, w.r.t. LN_c's
+  // output u = w * cn + b (so d(cn) = du * w, d(w) = du * cn, d(b) = du).
+  template <class T>
+  FASTRNN_HD static void output_backward(T o, T cn, T w, T b, T dh, T& dgo, T& du) {
+    const T tu = tanh_act(w * cn + b);
+    dgo = dh * tu * o * (T(1) - o);
+    du = dh * o * (T(1) - tu * tu);
+  }
+  template <class T>
+  FASTRNN_HD static void state_backward(const T* save, T cp, T dct, T* dgx, T& dc) {
+    Lstm::state_backward(save, cp, dct, dgx, dc);
+  }
+};
+
 inline int gates_of(CellKind kind) {
   switch (kind) {
     case CellKind::LSTM: return Lstm::kGates;
@@ -184,10 +248,11 @@ inline int gates_of(CellKind kind) {
   }
 }
 
-inline int saved_of(CellKind kind) {
+// Values saved per unit; layer_norm: the LayerNorm variant (LSTM and GRU only).
+inline int saved_of(CellKind kind, bool layer_norm = false) {
   switch (kind) {
-    case CellKind::LSTM: return Lstm::kSaved;
-    case CellKind::GRU: return Gru::kSaved;
+    case CellKind::LSTM: return layer_norm ? LnLstm::kSaved : Lstm::kSaved;
+    case CellKind::GRU: return layer_norm ? LnGru::kSaved : Gru::kSaved;
     default: return 1;
   }
 }

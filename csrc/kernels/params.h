@@ -31,6 +31,18 @@ struct ForwardParams {
   // mask holds 0 or 1/(1-p)); the cell's own use of h (GRU's z * h) and the output are not
   // masked.
   const Scalar* rec_mask = nullptr;  // [B, P]
+  // LayerNorm cells (cells.h: LnLstm, LnGru; no projection), else nullptr. gx holds the
+  // input parts already normalised (and biased); the recurrent parts are
+  // ln_w * norm(h W_hh^T) + ln_b (+ b_hh), norm over the row's G*H values; LnLstm's
+  // output is o * tanh(lnc_w * norm(c) + lnc_b). norm(v) = (v - mean) / sqrt(var + eps).
+  const Scalar* ln_w = nullptr;     // [G*H]
+  const Scalar* ln_b = nullptr;     // [G*H]
+  const Scalar* lnc_w = nullptr;    // [H] LnLstm only
+  const Scalar* lnc_b = nullptr;    // [H] LnLstm only
+  Scalar eps = 0;
+  Scalar* ln_rstd = nullptr;        // [T, B, 2] saved: 1/sqrt(var + eps) of the recurrent
+                                    // gate vector, and of c (LnLstm); 0 where padded
+  bool layer_norm() const { return ln_w != nullptr; }
   Scalar* y = nullptr;              // [T, B, ldy] outputs (first P), zero where t >= lengths[b]
   Scalar* h_n = nullptr;            // [B, P]
   Scalar* c_n = nullptr;            // [B, H] LSTM only
@@ -53,6 +65,16 @@ struct BackwardParams {
   const Scalar* zoneout_h = nullptr;  // [T, B, P] or nullptr, as in ForwardParams
   const Scalar* zoneout_c = nullptr;  // [T, B, H] or nullptr (LSTM)
   const Scalar* rec_mask = nullptr;   // [B, P] or nullptr, as in ForwardParams
+  // LayerNorm cells, as in ForwardParams (ln_w non-null); gates then holds the cell's saved
+  // values and the norms (cells.h).
+  const Scalar* ln_w = nullptr;     // [G*H]
+  const Scalar* lnc_w = nullptr;    // [H] LnLstm
+  const Scalar* lnc_b = nullptr;    // [H] LnLstm
+  const Scalar* ln_rstd = nullptr;  // [T, B, 2] saved by forward
+  Scalar* draw = nullptr;           // [T, B, ldg] out: d(h W_hh^T), the LayerNorm's input
+                                    //   (feeds dW_hh); dgh is then w.r.t. its output
+  Scalar* dlnc = nullptr;           // [T, B, H] out: d(lnc_w * norm(c) + lnc_b) (LnLstm)
+  bool layer_norm() const { return ln_w != nullptr; }
   int64_t ldy = 0, ldg = 0;    // row strides of dy (>= P) and dgx/dgh (>= G*H)
   const Scalar* dy = nullptr;       // [T, B, ldy] or nullptr (no gradient flows into y)
   const Scalar* gates = nullptr;    // [T, B, S*H] saved by forward

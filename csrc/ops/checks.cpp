@@ -98,26 +98,64 @@ Shapes check_forward(const std::string& cell, const at::Tensor& x, const at::Ten
                      const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
                      const c10::optional<at::Tensor>& lengths) {
   Shapes s = check_cell_and_x(cell, x);
-  const bool lstm = s.kind == CellKind::LSTM;
   check_weights(s, cell, x, w_ih, w_hh, opt(w_hr));
-  for (auto [b, name] : {std::make_pair(opt(b_ih), "b_ih"), std::make_pair(opt(b_hh), "b_hh")}) {
-    if (!b) continue;
+  check_gate_vector(s, x, b_ih, "b_ih");
+  check_gate_vector(s, x, b_hh, "b_hh");
+  check_state(s, x, h0, c0, lengths);
+  return s;
+}
+
+void check_gate_vector(const Shapes& s, const at::Tensor& x, const c10::optional<at::Tensor>& v,
+                       const char* name) {
+  if (const at::Tensor* b = opt(v)) {
     check_shape(*b, {s.D, s.G * s.H}, name);
     check_same(x, *b, name);
   }
+}
 
+void check_state(const Shapes& s, const at::Tensor& x, const at::Tensor& h0,
+                 const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths) {
   check_shape(h0, {s.D, s.B, s.P}, "h0");
   check_same(x, h0, "h0");
   const at::Tensor* c = opt(c0);
-  if (lstm) {
+  if (s.kind == CellKind::LSTM) {
     TORCH_CHECK(c, "fastrnn: cell 'lstm' needs c0");
     check_shape(*c, {s.D, s.B, s.H}, "c0");
     check_same(x, *c, "c0");
   } else {
     TORCH_CHECK(!c, "fastrnn: c0 is only used by cell 'lstm'");
   }
-
   if (const at::Tensor* len = opt(lengths)) check_lengths(*len, x, s.B);
+}
+
+Shapes check_ln(const std::string& cell, const at::Tensor& gx, const at::Tensor& w_hh,
+                const at::Tensor& ln_w, const c10::optional<at::Tensor>& lnc_w,
+                const c10::optional<at::Tensor>& lnc_b) {
+  Shapes s = check_cell_and_x(cell, gx);
+  TORCH_CHECK(s.kind == CellKind::LSTM || s.kind == CellKind::GRU,
+              "fastrnn: LayerNorm cells are 'lstm' and 'gru', got '", cell, "'");
+  TORCH_CHECK_NOT_IMPLEMENTED(!gx.is_cuda(),
+                              "fastrnn: LayerNorm cells are not implemented on CUDA yet (CPU only)");
+  TORCH_CHECK(w_hh.dim() == 3 && (w_hh.size(0) == 1 || w_hh.size(0) == 2) &&
+                  w_hh.size(1) > 0 && w_hh.size(1) == s.G * w_hh.size(2),
+              "fastrnn: w_hh must be 3-D [directions (1 or 2), ", s.G,
+              " * hidden_size, hidden_size], got ", w_hh.sizes());
+  check_same(gx, w_hh, "w_hh");
+  s.D = w_hh.size(0);
+  s.H = s.P = w_hh.size(2);
+  s.proj = false;
+  s.S = saved_of(s.kind, true);
+  TORCH_CHECK(s.I == s.D * s.G * s.H, "fastrnn: gx must have shape [", s.T, ", ", s.B, ", ",
+              s.D * s.G * s.H, "] (the input parts of every direction), got ", gx.sizes());
+  check_gate_vector(s, gx, ln_w, "ln_w");
+  const bool lstm = s.kind == CellKind::LSTM;
+  for (auto [v, name] : {std::make_pair(opt(lnc_w), "lnc_w"), std::make_pair(opt(lnc_b), "lnc_b")}) {
+    TORCH_CHECK(!v != lstm, "fastrnn: ", name,
+                lstm ? " is needed by cell 'lstm'" : " is only used by cell 'lstm'");
+    if (!v) continue;
+    check_shape(*v, {s.D, s.H}, name);
+    check_same(gx, *v, name);
+  }
   return s;
 }
 
@@ -126,13 +164,18 @@ Shapes check_backward(const std::string& cell, const at::Tensor& x, const at::Te
                       const at::Tensor& gates, const at::Tensor& hprev) {
   Shapes s = check_cell_and_x(cell, x);
   check_weights(s, cell, x, w_ih, w_hh, opt(w_hr));
+  check_saved_state(s, x, gates, hprev);
+  return s;
+}
+
+void check_saved_state(const Shapes& s, const at::Tensor& x, const at::Tensor& gates,
+                       const at::Tensor& hprev) {
   TORCH_CHECK(gates.numel() == s.D * s.T * s.B * s.S * s.H &&
                   hprev.numel() == s.D * s.T * s.B * s.P,
               "fastrnn: backward needs the state saved by forward, but forward ran with "
               "save=False (inference); run it with gradients enabled");
   check_saved(x, gates, {s.D, s.T, s.B, s.S * s.H}, "gates");
   check_saved(x, hprev, {s.D, s.T, s.B, s.P}, "hprev");
-  return s;
 }
 
 void check_backward_rest(const Shapes& s, const at::Tensor& x, const at::Tensor& dy,

@@ -63,6 +63,26 @@ void check_zoneout(const c10::optional<at::Tensor>& zoneout_h,
 void check_rec_mask(const c10::optional<at::Tensor>& rec_mask, const at::Tensor& x,
                     const Shapes& s);
 
+// LayerNorm cells (ln_forward/ln_backward): cell 'lstm' or 'gru'; gx [T, B, D*G*H] stands
+// for x; w_hh [D, G*H, H]; ln_w [D, G*H]; lnc_w [D, H] for 'lstm' only (lnc_b likewise,
+// when given). Sets every size (I = D*G*H, P = H, S the LayerNorm cell's saved values).
+Shapes check_ln(const std::string& cell, const at::Tensor& gx, const at::Tensor& w_hh,
+                const at::Tensor& ln_w, const c10::optional<at::Tensor>& lnc_w,
+                const c10::optional<at::Tensor>& lnc_b);
+
+// h0 [D, B, P], c0 [D, B, H] for LSTM (absent otherwise), lengths [B] int64 or absent.
+void check_state(const Shapes& s, const at::Tensor& x, const at::Tensor& h0,
+                 const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths);
+
+// A [D, G*H] vector parameter (a bias or LN_hh's weight or bias), when given.
+void check_gate_vector(const Shapes& s, const at::Tensor& x, const c10::optional<at::Tensor>& v,
+                       const char* name);
+
+// Saved by forward for backward: the gates [D, T, B, S*H] and hprev [D, T, B, P], present
+// (forward ran with save=True) and shaped for s.
+void check_saved_state(const Shapes& s, const at::Tensor& x, const at::Tensor& gates,
+                       const at::Tensor& hprev);
+
 // lengths in [0, T]; reads the values, so only for host-side lengths.
 void check_length_values(const at::Tensor& lengths, int64_t T);
 

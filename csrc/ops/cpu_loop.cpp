@@ -92,6 +92,8 @@ void cpu_column_sum_out(at::Tensor& out, const at::Tensor& t) {
 TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
   m.impl("forward", &forward_op);
   m.impl("backward", &backward_op);
+  m.impl("ln_forward", &ln_forward_op);
+  m.impl("ln_backward", &ln_backward_op);
   m.impl("mm", &mm_op);
 }
 

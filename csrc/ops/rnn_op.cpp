@@ -137,6 +137,159 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
   return out;
 }
 
+ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx_, const at::Tensor& h0,
+                         const c10::optional<at::Tensor>& c0, const at::Tensor& w_hh,
+                         const c10::optional<at::Tensor>& b_hh, const at::Tensor& ln_w,
+                         const at::Tensor& ln_b, const c10::optional<at::Tensor>& lnc_w,
+                         const c10::optional<at::Tensor>& lnc_b,
+                         const c10::optional<at::Tensor>& lengths, bool reverse, bool save,
+                         double eps, const c10::optional<at::Tensor>& resets,
+                         const c10::optional<at::Tensor>& zoneout_h,
+                         const c10::optional<at::Tensor>& zoneout_c,
+                         const c10::optional<at::Tensor>& rec_mask) {
+  const Shapes s = check_ln(cell, gx_, w_hh, ln_w, lnc_w, lnc_b);
+  check_gate_vector(s, gx_, ln_b, "ln_b");
+  check_gate_vector(s, gx_, b_hh, "b_hh");
+  check_state(s, gx_, h0, c0, lengths);
+  TORCH_CHECK(eps > 0, "fastrnn: eps must be positive, got ", eps);
+  check_resets(resets, gx_, s);
+  check_zoneout(zoneout_h, zoneout_c, gx_, s);
+  check_rec_mask(rec_mask, gx_, s);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const bool lstm = s.kind == CellKind::LSTM;
+  if (lengths.has_value()) check_length_values(*lengths, s.T);
+
+  LoopTensors a;
+  a.s = s;
+  a.reverse = reverse;
+  a.eps = eps;
+  const at::TensorOptions o = gx_.options();
+  a.y = at::empty({s.T, s.B, s.D * s.H}, o);
+  a.h_n = at::empty({s.D, s.B, s.H}, o);
+  a.c_n = lstm ? at::empty({s.D, s.B, s.H}, o) : empty0(gx_);
+  a.gates = save ? at::empty({s.D, s.T, s.B, s.S * s.H}, o) : empty0(gx_);
+  a.hprev = save ? at::empty({s.D, s.T, s.B, s.H}, o) : empty0(gx_);
+  a.cprev = save && lstm ? at::empty({s.D, s.T, s.B, s.H}, o) : empty0(gx_);
+  a.ln_rstd = save ? at::zeros({s.D, s.T, s.B, 2}, o) : empty0(gx_);
+  ForwardOut out{a.y, a.h_n, a.c_n, a.gates, a.hprev, a.cprev, a.ln_rstd};
+  if (s.B == 0) return out;
+  if (s.T == 0) {
+    a.h_n.copy_(h0);
+    if (lstm) a.c_n.copy_(*c0);
+    return out;
+  }
+  a.gx = gx_.contiguous();
+  a.w_hh = w_hh.contiguous();
+  a.b_hh = contig(b_hh);
+  a.ln_w = ln_w.contiguous();
+  a.ln_b = ln_b.contiguous();
+  a.lnc_w = contig(lnc_w);
+  a.lnc_b = contig(lnc_b);
+  a.h0 = h0.contiguous();
+  a.c0 = contig(c0);
+  a.lengths = contig(lengths);
+  a.resets = contig(resets);
+  a.zoneout_h = contig(zoneout_h);
+  a.zoneout_c = contig(zoneout_c);
+  a.rec_mask = contig(rec_mask);
+  cpu_forward_loop(a);
+  return out;
+}
+
+BackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Tensor>& dy,
+                           const c10::optional<at::Tensor>& dh_n,
+                           const c10::optional<at::Tensor>& dc_n, const at::Tensor& gx,
+                           const at::Tensor& w_hh, const at::Tensor& ln_w,
+                           const c10::optional<at::Tensor>& lnc_w,
+                           const c10::optional<at::Tensor>& lnc_b,
+                           const c10::optional<at::Tensor>& lengths, const at::Tensor& gates,
+                           const at::Tensor& hprev, const at::Tensor& cprev,
+                           const at::Tensor& ln_rstd, bool reverse,
+                           const c10::optional<at::Tensor>& resets,
+                           const c10::optional<at::Tensor>& zoneout_h,
+                           const c10::optional<at::Tensor>& zoneout_c,
+                           const c10::optional<at::Tensor>& rec_mask) {
+  const Shapes s = check_ln(cell, gx, w_hh, ln_w, lnc_w, lnc_b);
+  check_saved_state(s, gx, gates, hprev);
+  auto def = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
+  check_backward_rest(s, gx, def(dy), def(dh_n), def(dc_n), def(lengths), cprev, at::Tensor());
+  if (s.T * s.B > 0) {
+    TORCH_CHECK(ln_rstd.sizes() == at::IntArrayRef({s.D, s.T, s.B, 2}) &&
+                    ln_rstd.scalar_type() == gx.scalar_type() && ln_rstd.device() == gx.device(),
+                "fastrnn: ln_rstd must be forward's [", s.D, ", ", s.T, ", ", s.B, ", 2] ",
+                gx.scalar_type(), " tensor on ", gx.device(), ", got ", ln_rstd.sizes());
+  }
+  if (const at::Tensor* len = opt(lengths)) check_length_values(*len, s.T);
+  check_resets(resets, gx, s);
+  check_zoneout(zoneout_h, zoneout_c, gx, s);
+  check_rec_mask(rec_mask, gx, s);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const bool lstm = s.kind == CellKind::LSTM;
+  const int64_t GH = s.G * s.H, DGH = s.D * GH, TB = s.T * s.B;
+  const at::TensorOptions o = gx.options();
+
+  LoopTensors a;
+  a.s = s;
+  a.reverse = reverse;
+  a.dh_n = contig(dh_n);
+  a.dc_n = contig(dc_n);
+  auto state_grad = [&](const at::Tensor& g) {
+    if (TB > 0) return at::empty({s.D, s.B, s.H}, o);
+    return g.defined() ? g.clone() : at::zeros({s.D, s.B, s.H}, o);
+  };
+  a.dh0 = state_grad(a.dh_n);
+  a.dc0 = lstm ? state_grad(a.dc_n) : empty0(gx);
+  a.dgx = at::empty({s.T, s.B, DGH}, o);  // returned: a tensor of its own
+  a.dgh = lstm ? a.dgx : scratch(kDgh, {s.T, s.B, DGH}, o);
+  a.draw = scratch(kDgx, {s.T, s.B, DGH}, o);
+  a.dlnc = lstm ? at::empty({s.D, s.T, s.B, s.H}, o) : empty0(gx);
+  if (TB > 0) {
+    a.w_hh = w_hh.contiguous();
+    a.ln_w = ln_w.contiguous();
+    a.lnc_w = contig(lnc_w);
+    a.lnc_b = contig(lnc_b);
+    a.ln_rstd = ln_rstd.contiguous();
+    a.lengths = contig(lengths);
+    a.resets = contig(resets);
+    a.zoneout_h = contig(zoneout_h);
+    a.zoneout_c = contig(zoneout_c);
+    a.rec_mask = contig(rec_mask);
+    a.dy = contig(dy);
+    a.gates = gates.contiguous();
+    a.hprev = hprev.contiguous();
+    a.cprev = cprev.contiguous();
+    cpu_backward_loop(a);
+  } else {
+    a.dgx.zero_();
+    a.draw.zero_();
+    a.dgh.zero_();
+  }
+
+  // Parameter gradients as large GEMMs and column sums over all steps at once. W_hh saw
+  // h * rec_mask (recurrent dropout); hprev holds h itself.
+  const at::Tensor* mask = opt(rec_mask);
+  const at::Tensor hrec = mask && TB > 0 ? hprev.view({s.D, s.T, s.B, s.H}) * mask->unsqueeze(1)
+                                         : hprev.contiguous();
+  const at::Tensor norms = TB > 0 ? a.gates.view({s.D, TB, s.S, s.H}) : at::Tensor();
+  const int norm0 = lstm ? LnLstm::kNorm : LnGru::kNorm;
+  std::vector<at::Tensor> dw_hh, db_hh, dln_w, dlnc_w, dlnc_b;
+  for (int64_t d = 0; d < s.D; ++d) {
+    const at::Tensor dr = a.draw.view({TB, DGH}).narrow(1, d * GH, GH);
+    const at::Tensor dg = a.dgh.view({TB, DGH}).narrow(1, d * GH, GH);
+    dw_hh.push_back(gemm(dr.t(), hrec.view({s.D, TB, s.H})[d]));
+    db_hh.push_back(column_sum(dg));
+    dln_w.push_back(TB > 0 ? column_sum(dg * norms[d].narrow(1, norm0, s.G).reshape({TB, GH}))
+                           : at::zeros({GH}, o));
+    if (lstm) {
+      const at::Tensor du = a.dlnc[d].view({TB, s.H});
+      dlnc_w.push_back(TB > 0 ? column_sum(du * norms[d].select(1, LnLstm::kNormC)) : at::zeros({s.H}, o));
+      dlnc_b.push_back(column_sum(du));
+    }
+  }
+  return {a.dgx, a.dh0, a.dc0, at::stack(dw_hh), at::stack(db_hh), at::stack(dln_w),
+          lstm ? at::stack(dlnc_w) : empty0(gx), lstm ? at::stack(dlnc_b) : empty0(gx)};
+}
+
 at::Tensor mm_op(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "fastrnn::mm: expected 2-D tensors, got ", a.dim(),
               "-D and ", b.dim(), "-D");

@@ -39,6 +39,39 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                         const c10::optional<at::Tensor>& zoneout_c,
                         const c10::optional<at::Tensor>& rec_mask);
 
+// LayerNorm LSTM/GRU (cells.h: LnLstm, LnGru), one layer, all directions. gx [T, B, D*G*H]:
+// the input parts, already normalised and biased (the directions side by side); w_hh
+// [D, G*H, H]; b_hh [D, G*H] or none (GRU's recurrent bias); ln_w, ln_b [D, G*H] (LN_hh);
+// lnc_w, lnc_b [D, H] (LN_c, LSTM only). Outputs as forward_op's, with ln_rstd [D, T, B, 2]
+// (params.h) last instead of m.
+ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx, const at::Tensor& h0,
+                         const c10::optional<at::Tensor>& c0, const at::Tensor& w_hh,
+                         const c10::optional<at::Tensor>& b_hh, const at::Tensor& ln_w,
+                         const at::Tensor& ln_b, const c10::optional<at::Tensor>& lnc_w,
+                         const c10::optional<at::Tensor>& lnc_b,
+                         const c10::optional<at::Tensor>& lengths, bool reverse, bool save,
+                         double eps, const c10::optional<at::Tensor>& resets,
+                         const c10::optional<at::Tensor>& zoneout_h,
+                         const c10::optional<at::Tensor>& zoneout_c,
+                         const c10::optional<at::Tensor>& rec_mask);
+
+// Its gradients: (dgx [T, B, D*G*H], dh0, dc0, dw_hh, db_hh [D, G*H] (also LN_hh's bias
+// gradient: both are added to the same values), dln_w [D, G*H], dlnc_w, dlnc_b [D, H]
+// (empty for GRU)).
+BackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Tensor>& dy,
+                           const c10::optional<at::Tensor>& dh_n,
+                           const c10::optional<at::Tensor>& dc_n, const at::Tensor& gx,
+                           const at::Tensor& w_hh, const at::Tensor& ln_w,
+                           const c10::optional<at::Tensor>& lnc_w,
+                           const c10::optional<at::Tensor>& lnc_b,
+                           const c10::optional<at::Tensor>& lengths, const at::Tensor& gates,
+                           const at::Tensor& hprev, const at::Tensor& cprev,
+                           const at::Tensor& ln_rstd, bool reverse,
+                           const c10::optional<at::Tensor>& resets,
+                           const c10::optional<at::Tensor>& zoneout_h,
+                           const c10::optional<at::Tensor>& zoneout_c,
+                           const c10::optional<at::Tensor>& rec_mask);
+
 // a @ b for 2-D tensors: fastrnn's own CPU GEMM (the one the layers use), ATen's on CUDA.
 at::Tensor mm_op(const at::Tensor& a, const at::Tensor& b);
 
@@ -50,6 +83,9 @@ struct LoopTensors {
   at::Tensor gx, w_hh, b_hh, w_hr, h0, c0, lengths, y, h_n, c_n, gates, hprev, cprev, m;
   at::Tensor resets, zoneout_h, zoneout_c, rec_mask;  // optional regularisation and resets
   at::Tensor dy, dh_n, dc_n, dgx, dgh, dh0, dc0, dhtot;  // backward only
+  // LayerNorm cells (ln_w defined): LN_hh, LN_c, the saved 1/std; backward's draw, dlnc.
+  at::Tensor ln_w, ln_b, lnc_w, lnc_b, ln_rstd, draw, dlnc;
+  double eps = 0;
 };
 
 // T: the tensor's scalar type; E: the element type the kernels see, of the same layout
@@ -90,6 +126,9 @@ ForwardParams<E> forward_params(const LoopTensors& a, int d) {
   p.h_n = mptr<T, E>(at_d(a.h_n)); p.c_n = mptr<T, E>(at_d(a.c_n));
   p.gates = mptr<T, E>(at_d(a.gates)); p.hprev = mptr<T, E>(at_d(a.hprev));
   p.cprev = mptr<T, E>(at_d(a.cprev)); p.m = mptr<T, E>(at_d(a.m));
+  p.ln_w = cptr<T, E>(at_d(a.ln_w)); p.ln_b = cptr<T, E>(at_d(a.ln_b));
+  p.lnc_w = cptr<T, E>(at_d(a.lnc_w)); p.lnc_b = cptr<T, E>(at_d(a.lnc_b));
+  p.eps = static_cast<E>(a.eps); p.ln_rstd = mptr<T, E>(at_d(a.ln_rstd));
   return p;
 }
 
@@ -113,6 +152,11 @@ BackwardParams<E> backward_params(const LoopTensors& a, int d) {
   p.dh_n = cptr<T, E>(at_d(a.dh_n)); p.dc_n = cptr<T, E>(at_d(a.dc_n));
   p.dh0 = mptr<T, E>(at_d(a.dh0)); p.dc0 = mptr<T, E>(at_d(a.dc0));
   p.dhtot = mptr<T, E>(at_d(a.dhtot));
+  p.ln_w = cptr<T, E>(at_d(a.ln_w));
+  p.lnc_w = cptr<T, E>(at_d(a.lnc_w)); p.lnc_b = cptr<T, E>(at_d(a.lnc_b));
+  p.ln_rstd = cptr<T, E>(at_d(a.ln_rstd));
+  p.draw = a.draw.defined() ? mptr<T, E>(a.draw) + d * GH : nullptr;
+  p.dlnc = mptr<T, E>(at_d(a.dlnc));
   return p;
 }
 

@@ -103,3 +103,42 @@ def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None, revers
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
     return _direction("rnn_" + nonlinearity, x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths,
                       reverse, resets, zoneout_h, None, rec_mask)[:2]
+
+
+def ln_layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, eps=1e-5, resets=None,
+             zoneout_h=None, zoneout_c=None, rec_mask=None):
+    """All directions of one LayerNorm LSTM/GRU layer in one fused call.
+
+    cell: 'lstm' or 'gru'. weights: one tuple per direction, (w_ih, w_hh, b_ih, b_hh,
+    ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b): for 'lstm' b_ih is the one bias
+    [4H] (or None), b_hh is None and ln_c_w/ln_c_b [H] are LN_c's; for 'gru' b_ih/b_hh
+    [3H] (or None) and ln_c_* None. LN_ih and LN_hh weights/biases are [G*H]. The math is
+    ``fastrnn.reference.ln_lstm`` / ``ln_gru``; other arguments and the result as ``layer``.
+    """
+    if x.device.type == "cuda":
+        raise NotImplementedError("fastrnn: LayerNorm cells are not implemented on CUDA yet "
+                                  "(CPU only)")
+    w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_w, ln_b, lnc_w, lnc_b = (
+        _stack(list(ws)) for ws in zip(*weights))
+    T, B, D, GH = x.shape[0], x.shape[1], w_hh.shape[0], w_hh.shape[1]
+    # The input parts of every step and direction: one GEMM, then LN_ih (per direction).
+    gx = _project(x.reshape(T * B, -1), w_ih.reshape(D * GH, -1)).view(T * B, D, GH)
+    bias = ln_ih_b if b_ih is None else ln_ih_b + b_ih
+    if D == 1:
+        gx = torch.nn.functional.layer_norm(gx, (GH,), ln_ih_w[0], bias[0], eps)
+    else:
+        gx = torch.addcmul(bias, torch.nn.functional.layer_norm(gx, (GH,), eps=eps), ln_ih_w)
+    y, h_n, c_n, *_ = ops.run_ln_forward(
+        cell, gx.view(T, B, D * GH), h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b,
+        _lengths(lengths, x), reverse, _save(x, h0, c0, *[t for ws in weights for t in ws]),
+        eps, resets, zoneout_h, zoneout_c, rec_mask)
+    return y, h_n, (c_n if cell == "lstm" else None)
+
+
+def _project(x, w):
+    """x [N, I] @ w[G, I]^T: fastrnn's own GEMM on the CPU in float32/float64 (the same
+    speed on any vendor's CPU), torch's elsewhere (autocast, other dtypes and devices)."""
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and x.dtype == w.dtype and not torch.is_autocast_enabled("cpu")):
+        return ops.mm(x, w.t())
+    return x @ w.t()

@@ -25,6 +25,10 @@ _SAVED = {"lstm": 4, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}
 
 forward = torch.ops.fastrnn.forward.default
 backward = torch.ops.fastrnn.backward.default
+ln_forward = torch.ops.fastrnn.ln_forward.default
+ln_backward = torch.ops.fastrnn.ln_backward.default
+mm = torch.ops.fastrnn.mm.default
+_LN_SAVED = {"lstm": 9, "gru": 7}  # cells.h: LnLstm, LnGru
 
 
 def _check_like_x(x, **tensors):
@@ -87,9 +91,57 @@ def _backward_fake(cell, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, lengths, gates, hp
     )
 
 
+@torch.library.register_fake("fastrnn::ln_forward")
+def _ln_forward_fake(cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, lengths, reverse,
+                     save, eps, resets=None, zoneout_h=None, zoneout_c=None, rec_mask=None):
+    _check_like_x(gx, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, ln_w=ln_w, ln_b=ln_b, lnc_w=lnc_w,
+                  lnc_b=lnc_b, lengths=lengths, resets=resets, zoneout_h=zoneout_h,
+                  zoneout_c=zoneout_c, rec_mask=rec_mask)
+    T, B, _ = gx.shape
+    D, _, H = w_hh.shape
+    lstm = cell == "lstm"
+
+    def maybe(cond, *shape):
+        return gx.new_empty(shape if cond else (0,))
+
+    return (gx.new_empty((T, B, D * H)), gx.new_empty((D, B, H)), maybe(lstm, D, B, H),
+            maybe(save, D, T, B, _LN_SAVED[cell] * H), maybe(save, D, T, B, H),
+            maybe(save and lstm, D, T, B, H), maybe(save, D, T, B, 2))
+
+
+@torch.library.register_fake("fastrnn::ln_backward")
+def _ln_backward_fake(cell, dy, dh_n, dc_n, gx, w_hh, ln_w, lnc_w, lnc_b, lengths, gates, hprev,
+                      cprev, ln_rstd, reverse, resets=None, zoneout_h=None, zoneout_c=None,
+                      rec_mask=None):
+    D, GH, H = w_hh.shape
+    B = gx.shape[1]
+    lstm = cell == "lstm"
+
+    def maybe(cond, *shape):
+        return gx.new_empty(shape if cond else (0,))
+
+    return (gx.new_empty(gx.shape), gx.new_empty((D, B, H)), maybe(lstm, D, B, H),
+            gx.new_empty(w_hh.shape), gx.new_empty((D, GH)), gx.new_empty((D, GH)),
+            maybe(lstm, D, H), maybe(lstm, D, H))
+
+
 @torch.library.register_fake("fastrnn::mm")
 def _mm_fake(a, b):
     return a.new_empty((a.shape[0], b.shape[1]))
+
+
+def _mm_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _mm_backward(ctx, grad):
+    # fastrnn::mm again, so the gradients are differentiable to any order.
+    a, b = ctx.saved_tensors
+    need_a, need_b = ctx.needs_input_grad
+    return (mm(grad, b.t()) if need_a else None), (mm(a.t(), grad) if need_b else None)
+
+
+torch.library.register_autograd("fastrnn::mm", _mm_backward, setup_context=_mm_setup_context)
 
 
 def _setup_context(ctx, inputs, output):
@@ -152,32 +204,93 @@ def _differentiable_backward(ctx, dy, dh_n, dc_n):
 torch.library.register_autograd("fastrnn::forward", _backward, setup_context=_setup_context)
 
 
-class _Forward(torch.autograd.Function):
-    """fastrnn::forward with the formula registered above, for plain eager calls: the
-    registered wrapper re-fills the schema's default arguments on every call (about 40 us
-    for this schema, most of a small layer's Python cost); this one skips that."""
+# fastrnn::ln_forward's inputs: (cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b,
+# lengths, reverse, save, eps, resets, zoneout_h, zoneout_c, rec_mask).
+def _ln_setup_context(ctx, inputs, output):
+    cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, lengths, reverse, save, eps, *rest = inputs
+    extra = (list(rest) + [None] * 4)[:4]  # resets, zoneout_h, zoneout_c, rec_mask
+    _, _, _, gates, hprev, cprev, ln_rstd = output
+    ctx.save_for_backward(gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, lengths,
+                          gates, hprev, cprev, ln_rstd, *extra)
+    ctx.num_inputs = len(inputs)
+    ctx.cell, ctx.reverse, ctx.eps = cell, reverse, eps
+    ctx.mark_non_differentiable(gates, hprev, cprev, ln_rstd)
+    ctx.set_materialize_grads(False)
 
-    @staticmethod
-    def forward(ctx, *args):  # with ctx, not setup_context: apply then skips a signature bind
-        with torch._C._AutoDispatchBelowAutograd():  # grad is off here: skip the op's
-            out = forward(*args)                     # autograd kernel, straight to the backend
-        _setup_context(ctx, args, out)
-        return out
 
-    backward = staticmethod(_backward)
+def _ln_backward(ctx, dy, dh_n, dc_n, *_saved_grads):
+    (gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, lengths, gates, hprev, cprev, ln_rstd,
+     *extra) = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: recompute by the reference (see above)
+        inputs = (gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b)
+        wanted = [t for t, n in zip(inputs, need[1:10]) if n]
+        outs = reference.ln_recurrence(ctx.cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w,
+                                       lnc_b, lengths, ctx.reverse, ctx.eps, *extra)
+        pairs = [(o, g) for o, g in zip(outs, (dy, dh_n, dc_n))
+                 if o is not None and g is not None]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                       create_graph=True, allow_unused=True)
+                   if pairs and wanted else [None] * len(wanted))
+        grads = (None, *(next(got) if n else None for n in need[1:10]))
+    else:
+        dgx, dh0, dc0, dw_hh, db_hh, dln_w, dlnc_w, dlnc_b = ln_backward(
+            ctx.cell, dy, dh_n, dc_n, gx, w_hh, ln_w, lnc_w, lnc_b, lengths, gates, hprev,
+            cprev, ln_rstd, ctx.reverse, *extra)
+        lstm = ctx.cell == "lstm"
+        grads = (None, dgx, dh0, dc0 if lstm else None, dw_hh, db_hh if need[5] else None,
+                 dln_w, db_hh if need[7] else None, dlnc_w if lstm else None,
+                 dlnc_b if lstm else None)
+    return (grads + (None,) * 8)[:ctx.num_inputs]
 
 
-def run_forward(*args):
-    """fastrnn::forward(*args). In eager autograd it goes through _Forward; under tracing
-    (torch.compile, export), autocast (whose kernel must see the call first) or a functorch
-    transform, through the op's registered autograd."""
+torch.library.register_autograd("fastrnn::ln_forward", _ln_backward,
+                                setup_context=_ln_setup_context)
+
+
+def _eager_function(op, setup_context, backward_fn):
+    """op with the formula registered above, as an autograd.Function for plain eager calls:
+    the registered wrapper re-fills the schema's default arguments on every call (about
+    40 us for these schemas, most of a small layer's Python cost); this one skips that."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):  # with ctx, not setup_context: apply skips a signature bind
+            with torch._C._AutoDispatchBelowAutograd():  # grad is off here: skip the op's
+                out = op(*args)                          # autograd kernel, to the backend
+            setup_context(ctx, args, out)
+            return out
+
+        backward = staticmethod(backward_fn)
+
+    return Function
+
+
+_Forward = _eager_function(forward, _setup_context, _backward)
+_LnForward = _eager_function(ln_forward, _ln_setup_context, _ln_backward)
+
+
+def _run(function, op, args):
+    """op(*args). In eager autograd it goes through `function` (_eager_function); under
+    tracing (torch.compile, export), autocast (whose kernel must see the call first) or a
+    functorch transform, through the op's registered autograd."""
     if (torch.is_grad_enabled()
             and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
             and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled(args[1].device.type)
             and not torch._C._are_functorch_transforms_active()):
-        return _Forward.apply(*args)
-    return forward(*args)
+        return function.apply(*args)
+    return op(*args)
+
+
+def run_forward(*args):
+    """fastrnn::forward(*args), see _run."""
+    return _run(_Forward, forward, args)
+
+
+def run_ln_forward(*args):
+    """fastrnn::ln_forward(*args), see _run."""
+    return _run(_LnForward, ln_forward, args)
 
 
 # Autocast. The CPU kernels compute in float32 or float64 only, so under CPU autocast
@@ -190,7 +303,7 @@ def run_forward(*args):
 _autocast_lib = torch.library.Library("fastrnn", "IMPL")
 
 
-def _register_autocast(device_type):
+def _register_autocast(device_type, name, op):
     key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
 
@@ -202,18 +315,19 @@ def _register_autocast(device_type):
             return (isinstance(t, torch.Tensor) and t.is_floating_point()
                     and t.device.type == device_type and t.dtype != torch.float64)
 
-        cast = eligible(args[1])  # args[1] is x
+        cast = eligible(args[1])  # args[1] is x (gx)
         if cast:
             args = tuple(a.to(run_dtype) if eligible(a) else a for a in args)
         with torch._C._ExcludeDispatchKeyGuard(exclude):
-            out = forward(*args)
+            out = op(*args)
         if not cast or run_dtype == out_dtype:
             return out
         return tuple(t.to(out_dtype) for t in out[:3]) + tuple(out[3:])
 
-    _autocast_lib.impl("forward", kernel, key_name, with_keyset=True)
+    _autocast_lib.impl(name, kernel, key_name, with_keyset=True)
 
 
 for _device_type in ("cpu", "cuda"):
     if torch.amp.is_autocast_available(_device_type):
-        _register_autocast(_device_type)
+        _register_autocast(_device_type, "forward", forward)
+        _register_autocast(_device_type, "ln_forward", ln_forward)

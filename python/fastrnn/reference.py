@@ -108,6 +108,119 @@ def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None, revers
     return y, h
 
 
+def _ln(v, w, b, eps):
+    """Layer norm over the last dimension (the whole gate vector of a row)."""
+    return torch.nn.functional.layer_norm(v, v.shape[-1:], w, b, eps)
+
+
+def _ln_input(x, w_ih, b, ln_w, ln_b, eps):
+    """The LayerNorm cells' input parts: LN_ih(x W_ih^T) (+ b)."""
+    gx = _ln(x @ w_ih.t(), ln_w, ln_b, eps)
+    return gx if b is None else gx + b
+
+
+def _ln_lstm_steps(gx, h0, c0, w_hh, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b, lengths, reverse, eps,
+                   resets, zoneout_h, zoneout_c, rec_mask):
+    def cell(gxt, state):
+        h, c = state
+        gates = gxt + _ln(_fed(h, rec_mask) @ w_hh.t(), ln_hh_w, ln_hh_b, eps)
+        i, f, g, o = gates.chunk(4, 1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(_ln(c_new, ln_c_w, ln_c_b, eps))
+        return h_new, (h_new, c_new)
+
+    zoneout = None if zoneout_h is None else (zoneout_h, zoneout_c)
+    y, (h, c) = _run(cell, gx, (h0, c0), lengths, reverse, resets, zoneout)
+    return y, h, c
+
+
+def _ln_gru_steps(gx, h0, w_hh, b_hh, ln_hh_w, ln_hh_b, lengths, reverse, eps, resets,
+                  zoneout_h, rec_mask):
+    def cell(gxt, state):
+        (h,) = state
+        gh = _ln(_fed(h, rec_mask) @ w_hh.t(), ln_hh_w, ln_hh_b, eps)
+        gh = gh if b_hh is None else gh + b_hh
+        gx_r, gx_z, gx_n = gxt.chunk(3, 1)
+        gh_r, gh_z, gh_n = gh.chunk(3, 1)
+        r = torch.sigmoid(gx_r + gh_r)
+        z = torch.sigmoid(gx_z + gh_z)
+        n = torch.tanh(gx_n + r * gh_n)
+        h_new = (1 - z) * n + z * h
+        return h_new, (h_new,)
+
+    zoneout = None if zoneout_h is None else (zoneout_h,)
+    y, (h,) = _run(cell, gx, (h0,), lengths, reverse, resets, zoneout)
+    return y, h
+
+
+def ln_lstm(x, h0, c0, w_ih, w_hh, bias, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
+            lengths=None, reverse=False, *, eps=1e-5, resets=None, zoneout_h=None,
+            zoneout_c=None, rec_mask=None):
+    """LayerNorm LSTM (Ba et al. 2016), gates i, f, g, o:
+    gates = LN_ih(x W_ih^T) + LN_hh(h W_hh^T) + bias; c' = sig(f) c + sig(i) tanh(g);
+    h' = sig(o) tanh(LN_c(c')). Each LN runs over the whole vector of one row (4H or H)."""
+    return _ln_lstm_steps(_ln_input(x, w_ih, bias, ln_ih_w, ln_ih_b, eps), h0, c0, w_hh,
+                          ln_hh_w, ln_hh_b, ln_c_w, ln_c_b, lengths, reverse, eps, resets,
+                          zoneout_h, zoneout_c, rec_mask)
+
+
+def ln_gru(x, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, lengths=None,
+           reverse=False, *, eps=1e-5, resets=None, zoneout_h=None, rec_mask=None):
+    """LayerNorm GRU, gates r, z, n: a = LN_ih(x W_ih^T) + b_ih, b = LN_hh(h W_hh^T) + b_hh;
+    r = sig(a_r + b_r), z = sig(a_z + b_z), n = tanh(a_n + r b_n), h' = (1 - z) n + z h."""
+    return _ln_gru_steps(_ln_input(x, w_ih, b_ih, ln_ih_w, ln_ih_b, eps), h0, w_hh, b_hh,
+                         ln_hh_w, ln_hh_b, lengths, reverse, eps, resets, zoneout_h, rec_mask)
+
+
+def ln_recurrence(cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, lengths, reverse,
+                  eps, resets=None, zoneout_h=None, zoneout_c=None, rec_mask=None):
+    """The recurrence of ``fastrnn::ln_forward`` (same arguments): gx [T, B, D*G*H] holds
+    the input parts, already normalised, of every direction side by side; the rest are
+    stacked on a leading [D] axis. Returns (y, h_n, c_n or None)."""
+    D, GH = w_hh.shape[0], w_hh.shape[1]
+    ys, hs, cs = [], [], []
+    pick = lambda t, d: None if t is None else t[d]  # noqa: E731
+    for d in range(D):
+        gxd, rev = gx[..., d * GH:(d + 1) * GH], reverse != (d == 1)
+        if cell == "lstm":
+            y, h, c = _ln_lstm_steps(gxd, h0[d], c0[d], w_hh[d], ln_w[d], ln_b[d], lnc_w[d],
+                                     lnc_b[d], lengths, rev, eps, resets, pick(zoneout_h, d),
+                                     pick(zoneout_c, d), pick(rec_mask, d))
+            cs.append(c)
+        else:
+            y, h = _ln_gru_steps(gxd, h0[d], w_hh[d], pick(b_hh, d), ln_w[d], ln_b[d], lengths,
+                                 rev, eps, resets, pick(zoneout_h, d), pick(rec_mask, d))
+        ys.append(y)
+        hs.append(h)
+    return torch.cat(ys, 2), torch.stack(hs), (torch.stack(cs) if cs else None)
+
+
+def ln_layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, eps=1e-5, resets=None,
+             zoneout_h=None, zoneout_c=None, rec_mask=None):
+    """All directions of one LayerNorm layer, as ``fastrnn.functional.ln_layer``.
+
+    cell: 'lstm' or 'gru'. weights: one tuple per direction, (w_ih, w_hh, b_ih, b_hh,
+    ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b): for 'lstm' b_ih is the one bias
+    (or None), b_hh is None and ln_c_* [H] are LN_c's; for 'gru' ln_c_* are None. Other
+    arguments and the result as ``layer``.
+    """
+    ys, hs, cs = [], [], []
+    pick = lambda t, d: None if t is None else t[d]  # noqa: E731
+    for d, (w_ih, w_hh, b_ih, b_hh, lw_ih, lb_ih, lw_hh, lb_hh, lw_c, lb_c) in enumerate(weights):
+        rev = reverse != (d == 1)
+        kw = dict(eps=eps, resets=resets, zoneout_h=pick(zoneout_h, d), rec_mask=pick(rec_mask, d))
+        if cell == "lstm":
+            y, h, c = ln_lstm(x, h0[d], c0[d], w_ih, w_hh, b_ih, lw_ih, lb_ih, lw_hh, lb_hh, lw_c,
+                              lb_c, lengths, rev, zoneout_c=pick(zoneout_c, d), **kw)
+            cs.append(c)
+        else:
+            y, h = ln_gru(x, h0[d], w_ih, w_hh, b_ih, b_hh, lw_ih, lb_ih, lw_hh, lb_hh, lengths,
+                          rev, **kw)
+        ys.append(y)
+        hs.append(h)
+    return torch.cat(ys, 2), torch.stack(hs), (torch.stack(cs) if cs else None)
+
+
 def layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, resets=None,
           zoneout_h=None, zoneout_c=None, rec_mask=None):
     """All directions of one layer, as ``fastrnn.functional.layer`` (same arguments).

@@ -32,15 +32,20 @@ struct GemmArgs {
 
 // Workspace elements of one direction of one layer, per thread (a thread plan may give
 // every thread its own share of the rows): the running state in schedule order.
+// LayerNorm cells add the row statistics' parts: two [B, blocks of 16 units, 2].
+inline int64_t layer_norm_parts(int64_t B, int64_t H) { return 4 * B * ((H + 15) / 16); }
 template <class T>
 inline int64_t forward_workspace(const ForwardParams<T>& p, int gates) {
-  // h, c ping-pong; m; zero bias; h * rec_mask ping-pong
-  return 2 * p.B * p.P + 3 * p.B * p.H + gates * p.H + 2 * p.B * p.P;
+  // h, c ping-pong; m; zero bias; h * rec_mask ping-pong; LayerNorm: h W_hh^T and parts
+  return 2 * p.B * p.P + 3 * p.B * p.H + gates * p.H + 2 * p.B * p.P +
+         (p.layer_norm() ? p.B * gates * p.H + layer_norm_parts(p.B, p.H) : 0);
 }
 template <class T>
 inline int64_t backward_workspace(const BackwardParams<T>& p, int gates) {
-  // dh, dc, dm; dgates ping-pong; zoneout's direct parts of dh and dc; dgates W_hh
-  return p.B * p.P + 2 * p.B * p.H + 2 * p.B * gates * p.H + p.B * (p.P + p.H) + p.B * p.P;
+  // dh, dc, dm; dgates ping-pong; zoneout's direct parts of dh and dc; dgates W_hh;
+  // LayerNorm: parts
+  return p.B * p.P + 2 * p.B * p.H + 2 * p.B * gates * p.H + p.B * (p.P + p.H) + p.B * p.P +
+         (p.layer_norm() ? layer_norm_parts(p.B, p.H) : 0);
 }
 
 struct Kernels {

@@ -26,6 +26,7 @@
 #include "../params.h"
 #include "gemm.h"
 #include "kernels.h"
+#include "layer_norm.h"
 #include "simd.h"
 
 namespace fastrnn {
@@ -194,6 +195,37 @@ FASTRNN_INLINE void fused_tile(const ForwardParams<T>& p, const StepIo<T>& io, c
   }
 }
 
+// LayerNorm cells: fused_tile's product without the gate math, which needs the whole row's
+// statistics first. The accumulators, h W_hh^T of rows [i0, i0 + MR) x all G gates of units
+// [u0, u0 + nu), go to raw [Bn, G*H] (schedule order, gate g of unit j at g*H + j).
+template <int G, int MR, int NB, class V, class T>
+FASTRNN_INLINE void raw_tile(int64_t P, int64_t H, const T* hrec, const T* panel, int64_t i0,
+                             int64_t u0, int64_t nu, T* raw) {
+  constexpr int L = V::kLanes;
+  V acc[MR][NB * G];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NB * G; ++v) acc[r][v] = V(T(0));
+  tile_acc<MR, NB * G>(P, hrec + i0 * P, P, 1, panel, acc);
+#pragma GCC unroll 8
+  for (int b = 0; b < NB; ++b) {
+    const int64_t ub = u0 + b * L;
+    const int n = static_cast<int>(std::min<int64_t>(L, u0 + nu - ub));
+    if (n <= 0) break;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        T* q = raw + (i0 + r) * G * H + g * H + ub;
+        if (n == L)
+          acc[r][b * G + g].store(q);
+        else
+          acc[r][b * G + g].store(q, n);
+      }
+  }
+}
+
 // Gradient math for units [0, n) of one batch row. Value k of unit u at save[k*xs + u],
 // dgx[k*xs + u], dgh[k*xs + u]. dout may alias dhp (read before written, same unit).
 template <class Cell, bool Direct, class T>
@@ -337,6 +369,109 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
     }
   };
 
+  // The running rows [0, n) (a prefix) in tiles: tile(rows, blocks, i0, panel, u0, nu)
+  // (rows, blocks: std::integral_constant) for every tile, unit block by unit block so each
+  // block's panel is reused by every row tile while it is in L1/L2.
+  auto for_tiles = [&](int64_t n, auto&& tile) {
+    using One = std::integral_constant<int, 1>;
+    for (int64_t u = 0; u < blocks; ++u) {
+      const T* panel = w_rec.data + u * P * G * width;
+      const int64_t u0 = j0 + u * width, nu = std::min(width, j1 - u0);
+      if (narrow) {
+        with_rows<MRn>(n, [&](auto rows) {
+          tile(rows, std::integral_constant<int, NBn>{}, int64_t(0), panel, u0, nu);
+        });
+        continue;
+      }
+      int64_t i0 = 0;
+      for (; i0 + MR <= n; i0 += MR) tile(std::integral_constant<int, MR>{}, One{}, i0, panel, u0, nu);
+      with_rows<MR - 1>(n - i0, [&](auto rows) { tile(rows, One{}, i0, panel, u0, nu); });
+    }
+  };
+
+  // LayerNorm cells' step for the running rows [0, n): h W_hh^T of this thread's units and
+  // its blocks' moments; (barrier) every row's statistics, the normalised recurrent parts
+  // and the cell math; LnLstm then also normalises c: its blocks' moments, (barrier) its
+  // statistics and the output. Generic in the cell, so only LayerNorm cells instantiate it.
+  const int64_t nblk = norm_blocks(H), k0 = first_block(j0), k1 = end_block(j1);
+  T* raw = hdrop + 2 * Bn * P;         // [B, G*H] h W_hh^T, schedule order (LayerNorm)
+  T* part = raw + Bn * G * H;          // [B, nblk, 2] its blocks' moments
+  T* part_c = part + 2 * Bn * nblk;    // [B, nblk, 2] those of c (LnLstm)
+  auto ln_cells = [&](auto cell, const StepIo<T>& io, int64_t t, int64_t n) {
+    using C = decltype(cell);
+    constexpr int N0 = C::kNorm;
+    const int64_t GH = G * H;
+    for_tiles(n, [&](auto rows, auto nb, int64_t i0, const T* panel, int64_t u0, int64_t nu) {
+      raw_tile<G, decltype(rows)::value, decltype(nb)::value, V>(P, H, io.hrec, panel, i0, u0,
+                                                                   nu, raw);
+    });
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = k0; k < k1; ++k) block_moments(raw + i * GH, H, G, k, part + (i * nblk + k) * 2);
+    team.sync();  // every block's moments are in
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t bi = order[i], row = t * B + bi;
+      T mean, rstd;
+      row_moments(part + i * nblk * 2, H, G, p.eps, mean, rstd);
+      if (saving && team.rank == 0) p.ln_rstd[row * 2] = rstd;
+      const T* x = p.gx + row * p.ldgx;
+      T* save = saving ? p.gates + row * C::kSaved * H : nullptr;
+      for (int64_t ub = j0; ub < j1; ub += L) {
+        const int m = static_cast<int>(std::min<int64_t>(L, j1 - ub));
+        const bool full = m == L;
+        auto load = [full, m](const T* q) { return full ? V::load(q) : V::load(q, m); };
+        auto store = [full, m](V v, T* q) { full ? v.store(q) : v.store(q, m); };
+        V xg[G], hg[G], norm[G], sv[C::kSaved], h, c(T(0));
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) {
+          norm[g] = (load(raw + i * GH + g * H + ub) - V(mean)) * V(rstd);
+          hg[g] = norm[g] * load(p.ln_w + g * H + ub) + load(p.ln_b + g * H + ub) +
+                  load(io.bias + g * H + ub);
+          xg[g] = load(x + g * H + ub);
+        }
+        if constexpr (C::kHasCell) {  // c now; h once c's statistics are known
+          C::state(xg, hg, load(io.cin + i * H + ub), c, sv);
+          store(c, io.cout + i * H + ub);
+          store(sv[3], io.mbuf + i * H + ub);  // o
+        } else {
+          C::forward(xg, hg, load(io.hin + i * P + ub), V(T(0)), h, c, sv);
+          store(h, io.hout + i * P + ub);
+          store(h, io.yt + bi * p.ldy + ub);
+        }
+        if (saving) {
+#pragma GCC unroll 4
+          for (int k = 0; k < N0; ++k) store(sv[k], save + k * H + ub);
+#pragma GCC unroll 4
+          for (int g = 0; g < G; ++g) store(norm[g], save + (N0 + g) * H + ub);
+        }
+      }
+    }
+    if constexpr (C::kHasCell) {
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t k = k0; k < k1; ++k)
+          block_moments(io.cout + i * H, H, 1, k, part_c + (i * nblk + k) * 2);
+      team.sync();  // every block's moments of c are in
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t bi = order[i], row = t * B + bi;
+        T mean, rstd;
+        row_moments(part_c + i * nblk * 2, H, 1, p.eps, mean, rstd);
+        if (saving && team.rank == 0) p.ln_rstd[row * 2 + 1] = rstd;
+        T* save = saving ? p.gates + row * C::kSaved * H : nullptr;
+        for (int64_t ub = j0; ub < j1; ub += L) {
+          const int m = static_cast<int>(std::min<int64_t>(L, j1 - ub));
+          const bool full = m == L;
+          auto load = [full, m](const T* q) { return full ? V::load(q) : V::load(q, m); };
+          auto store = [full, m](V v, T* q) { full ? v.store(q) : v.store(q, m); };
+          const V cn = (load(io.cout + i * H + ub) - V(mean)) * V(rstd);
+          const V h = C::output(load(io.mbuf + i * H + ub), cn, load(p.lnc_w + ub),
+                                load(p.lnc_b + ub));
+          store(h, io.hout + i * P + ub);
+          store(h, io.yt + bi * p.ldy + ub);
+          if (saving) store(cn, save + C::kNormC * H + ub);
+        }
+      }
+    }
+  };
+
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = time_of(s, Tn, p.reverse), n = sched.active[t];
     const StepIo<T> io{hbuf + (s % 2) * Bn * P,
@@ -354,21 +489,11 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
         for (int64_t q = 0; q < P; q += 64 / static_cast<int64_t>(sizeof(T)))
           __builtin_prefetch(io.hrec + i * P + q);
 
-    // The running rows (a prefix): fused tiles, unit block by unit block so each block's
-    // panel is reused by every row tile while it is in L1/L2.
-    for (int64_t u = 0; u < blocks; ++u) {
-      const T* panel = w_rec.data + u * P * G * width;
-      const int64_t u0 = j0 + u * width, nu = std::min(width, j1 - u0);
-      if (narrow) {
-        with_rows<MRn>(n, [&](auto rows) {
-          fused_tile<Cell, decltype(rows)::value, NBn, V>(p, io, panel, 0, u0, nu);
-        });
-        continue;
-      }
-      int64_t i0 = 0;
-      for (; i0 + MR <= n; i0 += MR) fused_tile<Cell, MR, 1, V>(p, io, panel, i0, u0, nu);
-      with_rows<MR - 1>(n - i0, [&](auto rows) {
-        fused_tile<Cell, decltype(rows)::value, 1, V>(p, io, panel, i0, u0, nu);
+    if constexpr (Cell::kLayerNorm) {
+      ln_cells(Cell{}, io, t, n);
+    } else {
+      for_tiles(n, [&](auto rows, auto nb, int64_t i0, const T* panel, int64_t u0, int64_t nu) {
+        fused_tile<Cell, decltype(rows)::value, decltype(nb)::value, V>(p, io, panel, i0, u0, nu);
       });
     }
 
@@ -482,6 +607,100 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
     }
   }
 
+  // Zoneout's split of dc for row i at flat row `row`: c = z c_prev + (1 - z) c_cell, so
+  // dzc takes the part that skips the cell (added back to dc after the gate gradients).
+  auto zoneout_dc = [&](int64_t i, int64_t row) {
+    if (!(Cell::kHasCell && p.zoneout_c)) return;
+    for (int64_t j = j0; j < j1; ++j) {
+      const T z = p.zoneout_c[row * H + j];
+      dzc[i * H + j] = z * dc[i * H + j];
+      dc[i * H + j] *= T(1) - z;
+    }
+  };
+
+  // LayerNorm cells' Phase B for step t (running rows [0, n)): the cell's gate gradients;
+  // for LnLstm first LN_c's backward (its blocks' sums, barrier, the row's means); then
+  // LN_hh's: this thread's blocks' sums, (barrier) d(h W_hh^T) of its units, to draw and
+  // to dgs for the recurrent product. Generic in the cell, so only these instantiate it.
+  const int64_t nblk = norm_blocks(H), k0 = first_block(j0), k1 = end_block(j1);
+  T* part = drec + Bn * P;            // [B, nblk, 2] sums for LN_hh (LayerNorm)
+  T* part_c = part + 2 * Bn * nblk;   // [B, nblk, 2] sums for LN_c (LnLstm)
+  auto ln_gradients = [&](auto cell, int64_t t, int64_t n, T* dgs) {
+    using C = decltype(cell);
+    constexpr int N0 = C::kNorm;
+    for (int64_t i = n; i < Bn; ++i) {  // padded: no gradient; dh, dc pass through
+      const int64_t row = t * B + order[i];
+      for (int k = 0; k < G; ++k) {
+        std::fill(p.dgx + row * p.ldg + k * H + j0, p.dgx + row * p.ldg + k * H + j1, T(0));
+        std::fill(p.dgh + row * p.ldg + k * H + j0, p.dgh + row * p.ldg + k * H + j1, T(0));
+        std::fill(p.draw + row * p.ldg + k * H + j0, p.draw + row * p.ldg + k * H + j1, T(0));
+      }
+      if (C::kHasCell) std::fill(p.dlnc + row * H + j0, p.dlnc + row * H + j1, T(0));
+    }
+    if constexpr (C::kHasCell) {
+      for (int64_t i = 0; i < n; ++i) {  // h = o * tanh(u), u = lnc_w * norm(c) + lnc_b
+        const int64_t row = t * B + order[i];
+        const T* save = p.gates + row * C::kSaved * H;
+        T* du = p.dlnc + row * H;
+        zoneout_dc(i, row);
+        for (int64_t j = j0; j < j1; ++j)
+          C::output_backward(save[3 * H + j], save[C::kNormC * H + j], p.lnc_w[j], p.lnc_b[j],
+                             dh[i * P + j], p.dgx[row * p.ldg + 3 * H + j], du[j]);
+        for (int64_t k = k0; k < k1; ++k)
+          block_sums(du, save + C::kNormC * H, p.lnc_w, H, 1, k, part_c + (i * nblk + k) * 2);
+      }
+      team.sync();  // every block's sums for LN_c are in
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t row = t * B + order[i];
+        const T* save = p.gates + row * C::kSaved * H;
+        const T* cp = p.cprev + row * H;
+        const T* du = p.dlnc + row * H;
+        T* gx = p.dgx + row * p.ldg;
+        T mean0, mean1;
+        row_means(part_c + i * nblk * 2, H, 1, mean0, mean1);
+        const T rstd = p.ln_rstd[row * 2 + 1];
+        for (int64_t j = j0; j < j1; ++j) {
+          const T dct = dc[i * H + j] + norm_input_grad(p.lnc_w[j] * du[j],
+                                                        save[C::kNormC * H + j], rstd, mean0,
+                                                        mean1);
+          T sv[3] = {save[j], save[H + j], save[2 * H + j]}, d[3], dcv;
+          C::state_backward(sv, cp[j], dct, d, dcv);
+          for (int k = 0; k < 3; ++k) gx[k * H + j] = d[k];
+          dc[i * H + j] = dcv + (p.zoneout_c ? dzc[i * H + j] : T(0));
+          dh[i * P + j] = T(0);  // no direct part: only the recurrent product reaches h_prev
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t row = t * B + order[i];
+        backward_units<C, true>(hs, p.gates + row * C::kSaved * H + j0, H,
+                                p.hprev + row * P + j0, static_cast<const T*>(nullptr),
+                                dh + i * P + j0, static_cast<T*>(nullptr),
+                                p.dgx + row * p.ldg + j0, p.dgh + row * p.ldg + j0,
+                                dh + i * P + j0);
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {  // dgh: the gradient w.r.t. LN_hh's output
+      const int64_t row = t * B + order[i];
+      for (int64_t k = k0; k < k1; ++k)
+        block_sums(p.dgh + row * p.ldg, p.gates + row * C::kSaved * H + N0 * H, p.ln_w, H, G,
+                   k, part + (i * nblk + k) * 2);
+    }
+    team.sync();  // every block's sums for LN_hh are in
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t row = t * B + order[i];
+      const T* norm = p.gates + row * C::kSaved * H + N0 * H;
+      const T* dg = p.dgh + row * p.ldg;
+      T mean0, mean1;
+      row_means(part + i * nblk * 2, H, G, mean0, mean1);
+      const T rstd = p.ln_rstd[row * 2];
+      for (int k = 0; k < G; ++k)
+        for (int64_t j = k * H + j0; j < k * H + j1; ++j)
+          p.draw[row * p.ldg + j] = dgs[i * GH + j] =
+              norm_input_grad(p.ln_w[j] * dg[j], norm[j], rstd, mean0, mean1);
+    }
+  };
+
   for (int64_t s = Tn - 1; s >= 0; --s) {
     const int64_t t = time_of(s, Tn, p.reverse), n = sched.active[t];
     T* dgs = dg + (s % 2) * Bn * GH;
@@ -511,6 +730,9 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
     }
 
     // Phase B (H slice): gate gradients, to dgx/dgh (caller's row order) and to dgs.
+    if constexpr (Cell::kLayerNorm) {
+      ln_gradients(Cell{}, t, n, dgs);
+    } else {
     for (int64_t i = 0; i < Bn; ++i) {
       const int64_t row = t * B + order[i];
       T* gx = p.dgx + row * p.ldg;
@@ -527,12 +749,7 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
       T* dcr = Cell::kHasCell ? dc + i * H + j0 : nullptr;
       const T* save = p.gates + row * S * H + j0;
       T* gc = dgs + i * GH + j0;  // compact copy for the GEMM below
-      if (Cell::kHasCell && p.zoneout_c)  // as dh above: c = z c_prev + (1 - z) c_cell
-        for (int64_t j = j0; j < j1; ++j) {
-          const T z = p.zoneout_c[row * H + j];
-          dzc[i * H + j] = z * dc[i * H + j];
-          dc[i * H + j] *= T(1) - z;
-        }
+      zoneout_dc(i, row);
       if (proj)
         backward_units<Cell, false>(hs, save, H, hp, cp, dout + i * ld + j0, dcr, gx + j0,
                                     Cell::kSplitGrad ? gh + j0 : nullptr, (T*)nullptr);
@@ -543,6 +760,7 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
       for (int k = 0; k < G; ++k) std::copy(src + k * H + j0, src + k * H + j1, gc + k * H);
       if (Cell::kHasCell && p.zoneout_c)
         for (int64_t j = j0; j < j1; ++j) dc[i * H + j] += dzc[i * H + j];
+    }
     }
     team.sync();
 
@@ -631,11 +849,13 @@ void run_directions(int ndir, int want, int max_threads, Fn&& fn) {
   }
 }
 
+// fn(cell policy) for the kind; layer_norm: the LayerNorm variant (LSTM and GRU only; the
+// op layer checks the kind).
 template <class Fn>
-void dispatch_cell(CellKind kind, Fn&& fn) {
+void dispatch_cell(CellKind kind, bool layer_norm, Fn&& fn) {
   switch (kind) {
-    case CellKind::LSTM: fn(Lstm{}); break;
-    case CellKind::GRU: fn(Gru{}); break;
+    case CellKind::LSTM: layer_norm ? fn(LnLstm{}) : fn(Lstm{}); break;
+    case CellKind::GRU: layer_norm ? fn(LnGru{}) : fn(Gru{}); break;
     case CellKind::RNN_TANH: fn(Rnn<false>{}); break;
     case CellKind::RNN_RELU: fn(Rnn<true>{}); break;
   }
@@ -701,7 +921,7 @@ void run_plan(const Params* p, int gates, int ndir, int want, int max_threads, i
 // of direction d < ndir (1 or 2). The directions share lengths, so they share one plan.
 template <class Isa, class T>
 void forward(CellKind kind, const ForwardParams<T>* p, int ndir, T* const* ws, int max_threads) {
-  dispatch_cell(kind, [&](auto cell) {
+  dispatch_cell(kind, p[0].layer_norm(), [&](auto cell) {
     using Cell = decltype(cell);
     run_plan(p, Cell::kGates, ndir, team_size(p[0].B, Cell::kGates * p[0].H, p[0].P), max_threads,
              forward_workspace(p[0], Cell::kGates), ws,
@@ -714,7 +934,7 @@ void forward(CellKind kind, const ForwardParams<T>* p, int ndir, T* const* ws, i
 template <class Isa, class T>
 void backward(CellKind kind, const BackwardParams<T>* p, int ndir, T* const* ws,
               int max_threads) {
-  dispatch_cell(kind, [&](auto cell) {
+  dispatch_cell(kind, p[0].layer_norm(), [&](auto cell) {
     using Cell = decltype(cell);
     run_plan(p, Cell::kGates, ndir, team_size(p[0].B, Cell::kGates * p[0].H, p[0].P), max_threads,
              backward_workspace(p[0], Cell::kGates), ws,
