@@ -118,9 +118,10 @@ def op_args(cell, D=1, T=3, B=2, H=4, save=True, lengths=None):
     x, h0, c0, weights, _ = ln_inputs(cell, D, T, B, 3, H)
     stack = [None if ws[0] is None else torch.stack(ws).detach().requires_grad_()
              for ws in zip(*weights)]
-    _, w_hh, _, b_hh, _, _, ln_w, ln_b, lnc_w, lnc_b = stack
+    _, w_hh, gx_b, b_hh, gx_w, _, ln_w, ln_b, lnc_w, lnc_b = stack
     gx = torch.randn(T, B, D * w_hh.shape[1], dtype=x.dtype, requires_grad=True)
-    return (cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, lengths, False, save, 1e-5)
+    return (cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, gx_w, gx_b, lengths, False,
+            save, 1e-5)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -129,12 +130,14 @@ def test_opcheck(cell, D):
     args = op_args(cell, D, lengths=torch.tensor([3, 1]))
     torch.library.opcheck(ops.ln_forward, args)
     inference = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(ops.ln_forward, inference[:12] + (False,) + inference[13:])
+    torch.library.opcheck(ops.ln_forward, inference[:14] + (False,) + inference[15:])
     out = ops.ln_forward(*args)
     y, h_n, c_n, gates, hprev, cprev, ln_rstd = (o.detach() for o in out)
-    cell_, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, lengths, reverse, _, _ = args
+    (_, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, gx_w, gx_b, lengths, reverse, _,
+     _) = args
     bargs = (cell, torch.randn_like(y), torch.randn_like(h_n),
-             torch.randn_like(c_n) if cell == "lstm" else None, gx.detach(), w_hh.detach(),
+             torch.randn_like(c_n) if cell == "lstm" else None, gx.detach(), gx_w.detach(),
+             w_hh.detach(),
              ln_w.detach(), None if lnc_w is None else lnc_w.detach(),
              None if lnc_b is None else lnc_b.detach(), lengths, gates, hprev, cprev, ln_rstd,
              reverse)
@@ -207,8 +210,8 @@ def test_compile_fullgraph():
     (dict(h0=torch.randn(1, 2, 4)), RuntimeError, "h0 has dtype"),
 ])
 def test_bad_arguments(change, error, match):
-    names = ["cell", "gx", "h0", "c0", "w_hh", "b_hh", "ln_w", "ln_b", "lnc_w", "lnc_b",
-             "lengths", "reverse", "save", "eps"]
+    names = ["cell", "gx", "h0", "c0", "w_hh", "b_hh", "ln_w", "ln_b", "lnc_w", "lnc_b", "gx_w",
+             "gx_b", "lengths", "reverse", "save", "eps"]
     args = dict(zip(names, op_args("lstm")))
     args.update(change)
     with pytest.raises(error, match=match):

@@ -39,6 +39,8 @@ struct ForwardParams {
   const Scalar* ln_b = nullptr;     // [G*H]
   const Scalar* lnc_w = nullptr;    // [H] LnLstm only
   const Scalar* lnc_b = nullptr;    // [H] LnLstm only
+  const Scalar* gx_w = nullptr;     // [G*H] LN_ih's affine: the input parts are
+  const Scalar* gx_b = nullptr;     // [G*H]   gx * gx_w + gx_b (gx only normalised)
   Scalar eps = 0;
   Scalar* ln_rstd = nullptr;        // [T, B, 2] saved: 1/sqrt(var + eps) of the recurrent
                                     // gate vector, and of c (LnLstm); 0 where padded
@@ -66,7 +68,7 @@ struct BackwardParams {
   const Scalar* zoneout_c = nullptr;  // [T, B, H] or nullptr (LSTM)
   const Scalar* rec_mask = nullptr;   // [B, P] or nullptr, as in ForwardParams
   // LayerNorm cells, as in ForwardParams (ln_w non-null); gates then holds the cell's saved
-  // values and the norms (cells.h).
+  // values and the norms (cells.h); dgx is w.r.t. the input parts after LN_ih's affine.
   const Scalar* ln_w = nullptr;     // [G*H]
   const Scalar* lnc_w = nullptr;    // [H] LnLstm
   const Scalar* lnc_b = nullptr;    // [H] LnLstm

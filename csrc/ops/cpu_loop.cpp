@@ -79,13 +79,15 @@ void cpu_matmul_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   });
 }
 
-void cpu_column_sum_out(at::Tensor& out, const at::Tensor& t) {
+void cpu_column_sum_out(at::Tensor& out, const at::Tensor& t, const at::Tensor& u) {
   TORCH_INTERNAL_ASSERT(t.dim() == 2 && out.dim() == 1 && out.size(0) == t.size(1) &&
                         out.is_contiguous());
+  TORCH_INTERNAL_ASSERT(!u.defined() || (u.sizes() == t.sizes() && u.stride(1) == t.stride(1)));
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fastrnn_cpu_column_sum", [&] {
     Table<scalar_t>::column_sum(cpu::kernels())(
         t.const_data_ptr<scalar_t>(), t.size(0), t.size(1), t.stride(0), t.stride(1),
-        out.mutable_data_ptr<scalar_t>(), at::get_num_threads());
+        out.mutable_data_ptr<scalar_t>(), at::get_num_threads(),
+        u.defined() ? u.const_data_ptr<scalar_t>() : nullptr, u.defined() ? u.stride(0) : 0);
   });
 }
 

@@ -42,22 +42,24 @@ TORCH_LIBRARY(fastrnn, m) {
       "Tensor m, bool reverse, bool input_grad, Tensor? resets=None, Tensor? zoneout_h=None, "
       "Tensor? zoneout_c=None, Tensor? rec_mask=None) -> (Tensor dx, Tensor dh0, Tensor dc0, "
       "Tensor dw_ih, Tensor dw_hh, Tensor db_ih, Tensor db_hh, Tensor dw_hr)");
-  // LayerNorm LSTM/GRU (rnn_op.h: ln_forward_op): gx [T, B, D*G*H] holds the input parts,
-  // already normalised; the last output is ln_rstd [D, T, B, 2] instead of m.
+  // LayerNorm LSTM/GRU (rnn_op.h: ln_forward_op): gx [T, B, D*G*H] holds the normalised
+  // input projections, gx * gx_w + gx_b the input parts; the last output is ln_rstd
+  // [D, T, B, 2] instead of m.
   m.def(
       "ln_forward(str cell, Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, "
-      "Tensor ln_w, Tensor ln_b, Tensor? lnc_w, Tensor? lnc_b, Tensor? lengths, bool reverse, "
-      "bool save, float eps, Tensor? resets=None, Tensor? zoneout_h=None, "
+      "Tensor ln_w, Tensor ln_b, Tensor? lnc_w, Tensor? lnc_b, Tensor gx_w, Tensor gx_b, "
+      "Tensor? lengths, bool reverse, bool save, float eps, Tensor? resets=None, Tensor? zoneout_h=None, "
       "Tensor? zoneout_c=None, Tensor? rec_mask=None) "
       "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor hprev, Tensor cprev, "
       "Tensor ln_rstd)");
   m.def(
-      "ln_backward(str cell, Tensor? dy, Tensor? dh_n, Tensor? dc_n, Tensor gx, Tensor w_hh, "
+      "ln_backward(str cell, Tensor? dy, Tensor? dh_n, Tensor? dc_n, Tensor gx, Tensor gx_w, "
+      "Tensor w_hh, "
       "Tensor ln_w, Tensor? lnc_w, Tensor? lnc_b, Tensor? lengths, Tensor gates, "
       "Tensor hprev, Tensor cprev, Tensor ln_rstd, bool reverse, Tensor? resets=None, "
       "Tensor? zoneout_h=None, Tensor? zoneout_c=None, Tensor? rec_mask=None) "
       "-> (Tensor dgx, Tensor dh0, Tensor dc0, Tensor dw_hh, Tensor db_hh, Tensor dln_w, "
-      "Tensor dlnc_w, Tensor dlnc_b)");
+      "Tensor dlnc_w, Tensor dlnc_b, Tensor dgx_w, Tensor dgx_b)");
   // a @ b with the GEMM the CPU kernels use (same bits for any thread count); for tests
   // and benchmarks.
   m.def("mm(Tensor a, Tensor b) -> Tensor");

@@ -55,12 +55,12 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias
   return out;
 }
 
-// Column sums of t [N, C] (the bias gradients), rows summed in order on the CPU so the
-// result is the same whatever the thread count.
-at::Tensor column_sum(const at::Tensor& t) {
-  if (t.is_cuda()) return t.sum(0);
+// Column sums of t [N, C] (the bias gradients), or of t * u, rows summed in order on the
+// CPU so the result is the same whatever the thread count.
+at::Tensor column_sum(const at::Tensor& t, const at::Tensor& u = {}) {
+  if (t.is_cuda()) return u.defined() ? (t * u).sum(0) : t.sum(0);
   at::Tensor out = at::empty({t.size(1)}, t.options());
-  cpu_column_sum_out(out, t);
+  cpu_column_sum_out(out, t, u);
   return out;
 }
 
@@ -141,14 +141,17 @@ ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx_, const a
                          const c10::optional<at::Tensor>& c0, const at::Tensor& w_hh,
                          const c10::optional<at::Tensor>& b_hh, const at::Tensor& ln_w,
                          const at::Tensor& ln_b, const c10::optional<at::Tensor>& lnc_w,
-                         const c10::optional<at::Tensor>& lnc_b,
-                         const c10::optional<at::Tensor>& lengths, bool reverse, bool save,
+                         const c10::optional<at::Tensor>& lnc_b, const at::Tensor& gx_w,
+                         const at::Tensor& gx_b, const c10::optional<at::Tensor>& lengths,
+                         bool reverse, bool save,
                          double eps, const c10::optional<at::Tensor>& resets,
                          const c10::optional<at::Tensor>& zoneout_h,
                          const c10::optional<at::Tensor>& zoneout_c,
                          const c10::optional<at::Tensor>& rec_mask) {
   const Shapes s = check_ln(cell, gx_, w_hh, ln_w, lnc_w, lnc_b);
   check_gate_vector(s, gx_, ln_b, "ln_b");
+  check_gate_vector(s, gx_, gx_w, "gx_w");
+  check_gate_vector(s, gx_, gx_b, "gx_b");
   check_gate_vector(s, gx_, b_hh, "b_hh");
   check_state(s, gx_, h0, c0, lengths);
   TORCH_CHECK(eps > 0, "fastrnn: eps must be positive, got ", eps);
@@ -183,6 +186,8 @@ ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx_, const a
   a.b_hh = contig(b_hh);
   a.ln_w = ln_w.contiguous();
   a.ln_b = ln_b.contiguous();
+  a.gx_w = gx_w.contiguous();
+  a.gx_b = gx_b.contiguous();
   a.lnc_w = contig(lnc_w);
   a.lnc_b = contig(lnc_b);
   a.h0 = h0.contiguous();
@@ -196,10 +201,10 @@ ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx_, const a
   return out;
 }
 
-BackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Tensor>& dy,
+LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Tensor>& dy,
                            const c10::optional<at::Tensor>& dh_n,
                            const c10::optional<at::Tensor>& dc_n, const at::Tensor& gx,
-                           const at::Tensor& w_hh, const at::Tensor& ln_w,
+                           const at::Tensor& gx_w, const at::Tensor& w_hh, const at::Tensor& ln_w,
                            const c10::optional<at::Tensor>& lnc_w,
                            const c10::optional<at::Tensor>& lnc_b,
                            const c10::optional<at::Tensor>& lengths, const at::Tensor& gates,
@@ -211,6 +216,7 @@ BackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Tens
                            const c10::optional<at::Tensor>& rec_mask) {
   const Shapes s = check_ln(cell, gx, w_hh, ln_w, lnc_w, lnc_b);
   check_saved_state(s, gx, gates, hprev);
+  check_gate_vector(s, gx, gx_w, "gx_w");
   auto def = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
   check_backward_rest(s, gx, def(dy), def(dh_n), def(dc_n), def(lengths), cprev, at::Tensor());
   if (s.T * s.B > 0) {
@@ -270,24 +276,33 @@ BackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Tens
   const at::Tensor* mask = opt(rec_mask);
   const at::Tensor hrec = mask && TB > 0 ? hprev.view({s.D, s.T, s.B, s.H}) * mask->unsqueeze(1)
                                          : hprev.contiguous();
-  const at::Tensor norms = TB > 0 ? a.gates.view({s.D, TB, s.S, s.H}) : at::Tensor();
-  const int norm0 = lstm ? LnLstm::kNorm : LnGru::kNorm;
+  // The saved norms of a direction: [T*B, G*H] (LN_hh) and [T*B, H] (LN_c) views, row
+  // stride S*H; zeros with no step.
+  const at::Tensor saved = TB > 0 ? a.gates.view({s.D, TB, s.S * s.H}) : at::zeros({s.D, 1, s.S * s.H}, o);
+  const int64_t norm0 = (lstm ? LnLstm::kNorm : LnGru::kNorm) * s.H;
+  const at::Tensor gx2 = gx.contiguous().view({TB, DGH});
+  const at::Tensor dgx2 = a.dgx.view({TB, DGH});
   std::vector<at::Tensor> dw_hh, db_hh, dln_w, dlnc_w, dlnc_b;
   for (int64_t d = 0; d < s.D; ++d) {
     const at::Tensor dr = a.draw.view({TB, DGH}).narrow(1, d * GH, GH);
     const at::Tensor dg = a.dgh.view({TB, DGH}).narrow(1, d * GH, GH);
+    const at::Tensor sv = saved[d].narrow(0, 0, TB);
     dw_hh.push_back(gemm(dr.t(), hrec.view({s.D, TB, s.H})[d]));
     db_hh.push_back(column_sum(dg));
-    dln_w.push_back(TB > 0 ? column_sum(dg * norms[d].narrow(1, norm0, s.G).reshape({TB, GH}))
-                           : at::zeros({GH}, o));
+    dln_w.push_back(column_sum(dg, sv.narrow(1, norm0, GH)));
     if (lstm) {
       const at::Tensor du = a.dlnc[d].view({TB, s.H});
-      dlnc_w.push_back(TB > 0 ? column_sum(du * norms[d].select(1, LnLstm::kNormC)) : at::zeros({s.H}, o));
+      dlnc_w.push_back(column_sum(du, sv.narrow(1, LnLstm::kNormC * s.H, s.H)));
       dlnc_b.push_back(column_sum(du));
     }
   }
+  // LN_ih's affine: gradients of gx_w and gx_b, then dgx becomes w.r.t. gx itself.
+  const at::Tensor dgx_w = column_sum(dgx2, gx2).view({s.D, GH});
+  const at::Tensor dgx_b = column_sum(dgx2).view({s.D, GH});
+  a.dgx.view({TB, s.D, GH}).mul_(gx_w);
   return {a.dgx, a.dh0, a.dc0, at::stack(dw_hh), at::stack(db_hh), at::stack(dln_w),
-          lstm ? at::stack(dlnc_w) : empty0(gx), lstm ? at::stack(dlnc_b) : empty0(gx)};
+          lstm ? at::stack(dlnc_w) : empty0(gx), lstm ? at::stack(dlnc_b) : empty0(gx),
+          dgx_w, dgx_b};
 }
 
 at::Tensor mm_op(const at::Tensor& a, const at::Tensor& b) {

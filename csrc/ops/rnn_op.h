@@ -17,6 +17,8 @@ using ForwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
                               at::Tensor, at::Tensor>;
 using BackwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                at::Tensor, at::Tensor, at::Tensor>;
+using LnBackwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                 at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 ForwardOut forward_op(const std::string& cell, const at::Tensor& x, const at::Tensor& h0,
                       const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
@@ -40,7 +42,8 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                         const c10::optional<at::Tensor>& rec_mask);
 
 // LayerNorm LSTM/GRU (cells.h: LnLstm, LnGru), one layer, all directions. gx [T, B, D*G*H]:
-// the input parts, already normalised and biased (the directions side by side); w_hh
+// the input projections, normalised (the directions side by side); the input parts are
+// gx * gx_w + gx_b, gx_w and gx_b [D, G*H] (LN_ih's affine and the input bias); w_hh
 // [D, G*H, H]; b_hh [D, G*H] or none (GRU's recurrent bias); ln_w, ln_b [D, G*H] (LN_hh);
 // lnc_w, lnc_b [D, H] (LN_c, LSTM only). Outputs as forward_op's, with ln_rstd [D, T, B, 2]
 // (params.h) last instead of m.
@@ -48,8 +51,9 @@ ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx, const at
                          const c10::optional<at::Tensor>& c0, const at::Tensor& w_hh,
                          const c10::optional<at::Tensor>& b_hh, const at::Tensor& ln_w,
                          const at::Tensor& ln_b, const c10::optional<at::Tensor>& lnc_w,
-                         const c10::optional<at::Tensor>& lnc_b,
-                         const c10::optional<at::Tensor>& lengths, bool reverse, bool save,
+                         const c10::optional<at::Tensor>& lnc_b, const at::Tensor& gx_w,
+                         const at::Tensor& gx_b, const c10::optional<at::Tensor>& lengths,
+                         bool reverse, bool save,
                          double eps, const c10::optional<at::Tensor>& resets,
                          const c10::optional<at::Tensor>& zoneout_h,
                          const c10::optional<at::Tensor>& zoneout_c,
@@ -57,11 +61,11 @@ ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx, const at
 
 // Its gradients: (dgx [T, B, D*G*H], dh0, dc0, dw_hh, db_hh [D, G*H] (also LN_hh's bias
 // gradient: both are added to the same values), dln_w [D, G*H], dlnc_w, dlnc_b [D, H]
-// (empty for GRU)).
-BackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Tensor>& dy,
+// (empty for GRU), dgx_w, dgx_b [D, G*H]).
+LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Tensor>& dy,
                            const c10::optional<at::Tensor>& dh_n,
                            const c10::optional<at::Tensor>& dc_n, const at::Tensor& gx,
-                           const at::Tensor& w_hh, const at::Tensor& ln_w,
+                           const at::Tensor& gx_w, const at::Tensor& w_hh, const at::Tensor& ln_w,
                            const c10::optional<at::Tensor>& lnc_w,
                            const c10::optional<at::Tensor>& lnc_b,
                            const c10::optional<at::Tensor>& lengths, const at::Tensor& gates,
@@ -84,7 +88,7 @@ struct LoopTensors {
   at::Tensor resets, zoneout_h, zoneout_c, rec_mask;  // optional regularisation and resets
   at::Tensor dy, dh_n, dc_n, dgx, dgh, dh0, dc0, dhtot;  // backward only
   // LayerNorm cells (ln_w defined): LN_hh, LN_c, the saved 1/std; backward's draw, dlnc.
-  at::Tensor ln_w, ln_b, lnc_w, lnc_b, ln_rstd, draw, dlnc;
+  at::Tensor ln_w, ln_b, lnc_w, lnc_b, gx_w, gx_b, ln_rstd, draw, dlnc;
   double eps = 0;
 };
 
@@ -128,6 +132,7 @@ ForwardParams<E> forward_params(const LoopTensors& a, int d) {
   p.cprev = mptr<T, E>(at_d(a.cprev)); p.m = mptr<T, E>(at_d(a.m));
   p.ln_w = cptr<T, E>(at_d(a.ln_w)); p.ln_b = cptr<T, E>(at_d(a.ln_b));
   p.lnc_w = cptr<T, E>(at_d(a.lnc_w)); p.lnc_b = cptr<T, E>(at_d(a.lnc_b));
+  p.gx_w = cptr<T, E>(at_d(a.gx_w)); p.gx_b = cptr<T, E>(at_d(a.gx_b));
   p.eps = static_cast<E>(a.eps); p.ln_rstd = mptr<T, E>(at_d(a.ln_rstd));
   return p;
 }
@@ -166,8 +171,9 @@ void cpu_forward_loop(const LoopTensors& a);
 // [N], contiguous, or undefined) (+ out when accumulate); a and b may have any strides.
 void cpu_matmul_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                     const at::Tensor& bias, bool accumulate);
-// out [C] = column sums of t [N, C] (any strides), each summed in row order.
-void cpu_column_sum_out(at::Tensor& out, const at::Tensor& t);
+// out [C] = column sums of t [N, C] (any strides), or of t * u (u of t's shape and column
+// stride) when u is defined, each summed in row order.
+void cpu_column_sum_out(at::Tensor& out, const at::Tensor& t, const at::Tensor& u = {});
 void cpu_backward_loop(const LoopTensors& a);
 void cuda_forward_loop(const LoopTensors& a);
 void cuda_backward_loop(const LoopTensors& a);

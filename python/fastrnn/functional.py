@@ -123,35 +123,14 @@ def ln_layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, eps=1e-5,
     T, B, D, GH = x.shape[0], x.shape[1], w_hh.shape[0], w_hh.shape[1]
     # The input parts of every step and direction: one GEMM, then LN_ih (per direction).
     gx = _project(x.reshape(T * B, -1), w_ih.reshape(D * GH, -1)).view(T * B, D, GH)
-    bias = ln_ih_b if b_ih is None else ln_ih_b + b_ih
-    gx = _Affine.apply(torch.nn.functional.layer_norm(gx, (GH,), eps=eps), ln_ih_w, bias)
+    # LN_ih's affine (and the input bias) is applied inside the op, as it reads gx.
+    gx = torch.nn.functional.layer_norm(gx, (GH,), eps=eps)
+    gx_b = ln_ih_b if b_ih is None else ln_ih_b + b_ih
     y, h_n, c_n, *_ = ops.run_ln_forward(
-        cell, gx.view(T, B, D * GH), h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b,
+        cell, gx.view(T, B, D * GH), h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, ln_ih_w, gx_b,
         _lengths(lengths, x), reverse, _save(x, h0, c0, *[t for ws in weights for t in ws]),
         eps, resets, zoneout_h, zoneout_c, rec_mask)
     return y, h_n, (c_n if cell == "lstm" else None)
-
-
-class _Affine(torch.autograd.Function):
-    """a * w + b for a [N, D, GH], w and b [D, GH]: LN_ih's affine part. Its parameter
-    gradients are column sums over the N rows, taken with fastrnn's GEMM (a row of ones
-    times the rows) so they are the same bits for any thread count, like every other
-    gradient of the layer; torch's own reduction may split the sum over threads."""
-
-    @staticmethod
-    def forward(ctx, a, w, b):
-        ctx.save_for_backward(a, w)
-        return torch.addcmul(b, a, w)
-
-    @staticmethod
-    def backward(ctx, grad):  # differentiable ops only: double backward works through it
-        a, w = ctx.saved_tensors
-        rows = grad.reshape(-1, w.numel())
-        ones = grad.new_ones((1, rows.shape[0]))
-        need_a, need_w, need_b = ctx.needs_input_grad
-        return (grad * w if need_a else None,
-                _project(ones, (rows * a.reshape(rows.shape)).t()).view(w.shape) if need_w else None,
-                _project(ones, rows.t()).view(w.shape) if need_b else None)
 
 
 def _project(x, w):

@@ -92,10 +92,11 @@ def _backward_fake(cell, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, lengths, gates, hp
 
 
 @torch.library.register_fake("fastrnn::ln_forward")
-def _ln_forward_fake(cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, lengths, reverse,
-                     save, eps, resets=None, zoneout_h=None, zoneout_c=None, rec_mask=None):
+def _ln_forward_fake(cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, gx_w, gx_b,
+                     lengths, reverse, save, eps, resets=None, zoneout_h=None, zoneout_c=None,
+                     rec_mask=None):
     _check_like_x(gx, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, ln_w=ln_w, ln_b=ln_b, lnc_w=lnc_w,
-                  lnc_b=lnc_b, lengths=lengths, resets=resets, zoneout_h=zoneout_h,
+                  lnc_b=lnc_b, gx_w=gx_w, gx_b=gx_b, lengths=lengths, resets=resets, zoneout_h=zoneout_h,
                   zoneout_c=zoneout_c, rec_mask=rec_mask)
     T, B, _ = gx.shape
     D, _, H = w_hh.shape
@@ -110,9 +111,9 @@ def _ln_forward_fake(cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, len
 
 
 @torch.library.register_fake("fastrnn::ln_backward")
-def _ln_backward_fake(cell, dy, dh_n, dc_n, gx, w_hh, ln_w, lnc_w, lnc_b, lengths, gates, hprev,
-                      cprev, ln_rstd, reverse, resets=None, zoneout_h=None, zoneout_c=None,
-                      rec_mask=None):
+def _ln_backward_fake(cell, dy, dh_n, dc_n, gx, gx_w, w_hh, ln_w, lnc_w, lnc_b, lengths, gates,
+                      hprev, cprev, ln_rstd, reverse, resets=None, zoneout_h=None,
+                      zoneout_c=None, rec_mask=None):
     D, GH, H = w_hh.shape
     B = gx.shape[1]
     lstm = cell == "lstm"
@@ -122,7 +123,7 @@ def _ln_backward_fake(cell, dy, dh_n, dc_n, gx, w_hh, ln_w, lnc_w, lnc_b, length
 
     return (gx.new_empty(gx.shape), gx.new_empty((D, B, H)), maybe(lstm, D, B, H),
             gx.new_empty(w_hh.shape), gx.new_empty((D, GH)), gx.new_empty((D, GH)),
-            maybe(lstm, D, H), maybe(lstm, D, H))
+            maybe(lstm, D, H), maybe(lstm, D, H), gx.new_empty((D, GH)), gx.new_empty((D, GH)))
 
 
 @torch.library.register_fake("fastrnn::mm")
@@ -205,12 +206,13 @@ torch.library.register_autograd("fastrnn::forward", _backward, setup_context=_se
 
 
 # fastrnn::ln_forward's inputs: (cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b,
-# lengths, reverse, save, eps, resets, zoneout_h, zoneout_c, rec_mask).
+# gx_w, gx_b, lengths, reverse, save, eps, resets, zoneout_h, zoneout_c, rec_mask).
 def _ln_setup_context(ctx, inputs, output):
-    cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, lengths, reverse, save, eps, *rest = inputs
+    (cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, gx_w, gx_b, lengths, reverse, save,
+     eps, *rest) = inputs
     extra = (list(rest) + [None] * 4)[:4]  # resets, zoneout_h, zoneout_c, rec_mask
     _, _, _, gates, hprev, cprev, ln_rstd = output
-    ctx.save_for_backward(gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, lengths,
+    ctx.save_for_backward(gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, gx_w, gx_b, lengths,
                           gates, hprev, cprev, ln_rstd, *extra)
     ctx.num_inputs = len(inputs)
     ctx.cell, ctx.reverse, ctx.eps = cell, reverse, eps
@@ -219,28 +221,28 @@ def _ln_setup_context(ctx, inputs, output):
 
 
 def _ln_backward(ctx, dy, dh_n, dc_n, *_saved_grads):
-    (gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, lengths, gates, hprev, cprev, ln_rstd,
-     *extra) = ctx.saved_tensors
+    (gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, gx_w, gx_b, lengths, gates, hprev, cprev,
+     ln_rstd, *extra) = ctx.saved_tensors
     need = ctx.needs_input_grad
     if torch.is_grad_enabled():  # create_graph=True: recompute by the reference (see above)
-        inputs = (gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b)
-        wanted = [t for t, n in zip(inputs, need[1:10]) if n]
+        inputs = (gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, gx_w, gx_b)
+        wanted = [t for t, n in zip(inputs, need[1:12]) if n]
         outs = reference.ln_recurrence(ctx.cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w,
-                                       lnc_b, lengths, ctx.reverse, ctx.eps, *extra)
+                                       lnc_b, gx_w, gx_b, lengths, ctx.reverse, ctx.eps, *extra)
         pairs = [(o, g) for o, g in zip(outs, (dy, dh_n, dc_n))
                  if o is not None and g is not None]
         got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
                                        create_graph=True, allow_unused=True)
                    if pairs and wanted else [None] * len(wanted))
-        grads = (None, *(next(got) if n else None for n in need[1:10]))
+        grads = (None, *(next(got) if n else None for n in need[1:12]))
     else:
-        dgx, dh0, dc0, dw_hh, db_hh, dln_w, dlnc_w, dlnc_b = ln_backward(
-            ctx.cell, dy, dh_n, dc_n, gx, w_hh, ln_w, lnc_w, lnc_b, lengths, gates, hprev,
+        dgx, dh0, dc0, dw_hh, db_hh, dln_w, dlnc_w, dlnc_b, dgx_w, dgx_b = ln_backward(
+            ctx.cell, dy, dh_n, dc_n, gx, gx_w, w_hh, ln_w, lnc_w, lnc_b, lengths, gates, hprev,
             cprev, ln_rstd, ctx.reverse, *extra)
         lstm = ctx.cell == "lstm"
         grads = (None, dgx, dh0, dc0 if lstm else None, dw_hh, db_hh if need[5] else None,
                  dln_w, db_hh if need[7] else None, dlnc_w if lstm else None,
-                 dlnc_b if lstm else None)
+                 dlnc_b if lstm else None, dgx_w, dgx_b)
     return (grads + (None,) * 8)[:ctx.num_inputs]
 
 

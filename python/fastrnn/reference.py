@@ -172,16 +172,17 @@ def ln_gru(x, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, le
                          ln_hh_w, ln_hh_b, lengths, reverse, eps, resets, zoneout_h, rec_mask)
 
 
-def ln_recurrence(cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, lengths, reverse,
-                  eps, resets=None, zoneout_h=None, zoneout_c=None, rec_mask=None):
+def ln_recurrence(cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, gx_w, gx_b, lengths,
+                  reverse, eps, resets=None, zoneout_h=None, zoneout_c=None, rec_mask=None):
     """The recurrence of ``fastrnn::ln_forward`` (same arguments): gx [T, B, D*G*H] holds
-    the input parts, already normalised, of every direction side by side; the rest are
-    stacked on a leading [D] axis. Returns (y, h_n, c_n or None)."""
+    the normalised input projections of every direction side by side, and the input parts
+    are gx * gx_w + gx_b; the rest are stacked on a leading [D] axis. Returns (y, h_n,
+    c_n or None)."""
     D, GH = w_hh.shape[0], w_hh.shape[1]
     ys, hs, cs = [], [], []
     pick = lambda t, d: None if t is None else t[d]  # noqa: E731
     for d in range(D):
-        gxd, rev = gx[..., d * GH:(d + 1) * GH], reverse != (d == 1)
+        gxd, rev = gx[..., d * GH:(d + 1) * GH] * gx_w[d] + gx_b[d], reverse != (d == 1)
         if cell == "lstm":
             y, h, c = _ln_lstm_steps(gxd, h0[d], c0[d], w_hh[d], ln_w[d], ln_b[d], lnc_w[d],
                                      lnc_b[d], lengths, rev, eps, resets, pick(zoneout_h, d),

@@ -23,20 +23,46 @@ inline int64_t norm_blocks(int64_t H) { return (H + kNormBlock - 1) / kNormBlock
 inline int64_t first_block(int64_t j0) { return j0 / kNormBlock; }
 inline int64_t end_block(int64_t j1) { return norm_blocks(j1); }
 
+// Sum of a vector's lanes, in lane order.
+template <class V>
+FASTRNN_INLINE auto lane_sum(V v) {
+  decltype(v.v[0] + 0) s = v.v[0];
+  for (int l = 1; l < V::kLanes; ++l) s += v.v[l];
+  return s;
+}
+
 // out = (mean, sum of squared deviations from it) of the G x (units of block k) values of v.
-template <class T>
+// A whole block runs on vectors of L lanes (L divides kNormBlock), a last short one on
+// scalars.
+template <class V, class T>
 void block_moments(const T* v, int64_t H, int G, int64_t k, T* out) {
+  constexpr int L = V::kLanes;
   const int64_t j0 = k * kNormBlock, j1 = std::min(H, j0 + kNormBlock);
-  T sum = 0;
-  for (int g = 0; g < G; ++g)
-    for (int64_t j = j0; j < j1; ++j) sum += v[g * H + j];
-  const T mean = sum / static_cast<T>(G * (j1 - j0));
-  T m2 = 0;
-  for (int g = 0; g < G; ++g)
-    for (int64_t j = j0; j < j1; ++j) {
-      const T d = v[g * H + j] - mean;
-      m2 += d * d;
-    }
+  T mean, m2;
+  if (j1 - j0 == kNormBlock) {
+    V acc(T(0));
+    for (int g = 0; g < G; ++g)
+      for (int64_t j = j0; j < j1; j += L) acc += V::load(v + g * H + j);
+    mean = lane_sum(acc) / static_cast<T>(G * kNormBlock);
+    V sq(T(0));
+    for (int g = 0; g < G; ++g)
+      for (int64_t j = j0; j < j1; j += L) {
+        const V d = V::load(v + g * H + j) - V(mean);
+        sq += d * d;
+      }
+    m2 = lane_sum(sq);
+  } else {
+    T sum = 0;
+    for (int g = 0; g < G; ++g)
+      for (int64_t j = j0; j < j1; ++j) sum += v[g * H + j];
+    mean = sum / static_cast<T>(G * (j1 - j0));
+    m2 = 0;
+    for (int g = 0; g < G; ++g)
+      for (int64_t j = j0; j < j1; ++j) {
+        const T d = v[g * H + j] - mean;
+        m2 += d * d;
+      }
+  }
   out[0] = mean;
   out[1] = m2;
 }
@@ -60,16 +86,29 @@ void row_moments(const T* part, int64_t H, int G, T eps, T& mean, T& rstd) {
 
 // The backward's sums over block k: out = (sum of w * dy, sum of w * dy * a), dy the
 // gradient w.r.t. the LayerNorm's output w * a + b and a the normalised values, all rows
-// laid out as v above.
-template <class T>
+// laid out as v above; vectors as in block_moments.
+template <class V, class T>
 void block_sums(const T* dy, const T* a, const T* w, int64_t H, int G, int64_t k, T* out) {
+  constexpr int L = V::kLanes;
   const int64_t j0 = k * kNormBlock, j1 = std::min(H, j0 + kNormBlock);
+  if (j1 - j0 == kNormBlock) {
+    V s0(T(0)), s1(T(0));
+    for (int g = 0; g < G; ++g)
+      for (int64_t j = g * H + j0; j < g * H + j1; j += L) {
+        const V wd = V::load(w + j) * V::load(dy + j);
+        s0 += wd;
+        s1 += wd * V::load(a + j);
+      }
+    out[0] = lane_sum(s0);
+    out[1] = lane_sum(s1);
+    return;
+  }
   T s0 = 0, s1 = 0;
   for (int g = 0; g < G; ++g)
-    for (int64_t j = j0; j < j1; ++j) {
-      const T wd = w[g * H + j] * dy[g * H + j];
+    for (int64_t j = g * H + j0; j < g * H + j1; ++j) {
+      const T wd = w[j] * dy[j];
       s0 += wd;
-      s1 += wd * a[g * H + j];
+      s1 += wd * a[j];
     }
   out[0] = s0;
   out[1] = s1;

@@ -406,7 +406,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
                                                                    nu, raw);
     });
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t k = k0; k < k1; ++k) block_moments(raw + i * GH, H, G, k, part + (i * nblk + k) * 2);
+      for (int64_t k = k0; k < k1; ++k) block_moments<V>(raw + i * GH, H, G, k, part + (i * nblk + k) * 2);
     team.sync();  // every block's moments are in
     for (int64_t i = 0; i < n; ++i) {
       const int64_t bi = order[i], row = t * B + bi;
@@ -426,7 +426,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
           norm[g] = (load(raw + i * GH + g * H + ub) - V(mean)) * V(rstd);
           hg[g] = norm[g] * load(p.ln_w + g * H + ub) + load(p.ln_b + g * H + ub) +
                   load(io.bias + g * H + ub);
-          xg[g] = load(x + g * H + ub);
+          xg[g] = load(x + g * H + ub) * load(p.gx_w + g * H + ub) + load(p.gx_b + g * H + ub);
         }
         if constexpr (C::kHasCell) {  // c now; h once c's statistics are known
           C::state(xg, hg, load(io.cin + i * H + ub), c, sv);
@@ -448,7 +448,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
     if constexpr (C::kHasCell) {
       for (int64_t i = 0; i < n; ++i)
         for (int64_t k = k0; k < k1; ++k)
-          block_moments(io.cout + i * H, H, 1, k, part_c + (i * nblk + k) * 2);
+          block_moments<V>(io.cout + i * H, H, 1, k, part_c + (i * nblk + k) * 2);
       team.sync();  // every block's moments of c are in
       for (int64_t i = 0; i < n; ++i) {
         const int64_t bi = order[i], row = t * B + bi;
@@ -647,7 +647,7 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
           C::output_backward(save[3 * H + j], save[C::kNormC * H + j], p.lnc_w[j], p.lnc_b[j],
                              dh[i * P + j], p.dgx[row * p.ldg + 3 * H + j], du[j]);
         for (int64_t k = k0; k < k1; ++k)
-          block_sums(du, save + C::kNormC * H, p.lnc_w, H, 1, k, part_c + (i * nblk + k) * 2);
+          block_sums<V>(du, save + C::kNormC * H, p.lnc_w, H, 1, k, part_c + (i * nblk + k) * 2);
       }
       team.sync();  // every block's sums for LN_c are in
       for (int64_t i = 0; i < n; ++i) {
@@ -683,7 +683,7 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
     for (int64_t i = 0; i < n; ++i) {  // dgh: the gradient w.r.t. LN_hh's output
       const int64_t row = t * B + order[i];
       for (int64_t k = k0; k < k1; ++k)
-        block_sums(p.dgh + row * p.ldg, p.gates + row * C::kSaved * H + N0 * H, p.ln_w, H, G,
+        block_sums<V>(p.dgh + row * p.ldg, p.gates + row * C::kSaved * H + N0 * H, p.ln_w, H, G,
                    k, part + (i * nblk + k) * 2);
     }
     team.sync();  // every block's sums for LN_hh are in
