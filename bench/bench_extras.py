@@ -8,12 +8,15 @@ Training steps (forward + backward w.r.t. the input and all weights), float32:
 - zoneout= / recurrent_dropout=: fastrnn against a per-step Python loop of torch.nn's
   cell with the same regularisation;
 - weight_dropout=: fastrnn against torch.nn with AWD-LSTM's WeightDrop (dropout on
-  weight_hh, then the module run on the masked weight through functional_call).
-``plain`` is fastrnn without the extension at the same shape; ``overhead`` = fastrnn ms /
-plain ms, ``speedup`` = baseline ms / fastrnn ms.
+  weight_hh, then the module run on the masked weight through functional_call);
+- layernorm: fastrnn.LayerNormLSTM / LayerNormGRU against a per-step Python loop of the
+  cell's math with layer_norm (the input projection and its LayerNorm for all steps at once).
+``plain`` is fastrnn without the extension at the same shape (fastrnn.LSTM / GRU);
+``overhead`` = fastrnn ms / plain ms, ``speedup`` = baseline ms / fastrnn ms.
 
     python bench/bench_extras.py                       # LSTM and GRU, B=16, T=100, H=256
     python bench/bench_extras.py --cells lstm --shape 64,100,512,512
+    python bench/bench_extras.py --cases layernorm --shape 2,5,8,8 --repeats 1   # smoke
 """
 import argparse
 import os
@@ -28,6 +31,7 @@ import fastrnn  # noqa: E402
 from bench_rnn import cpu_model, time_interleaved  # noqa: E402
 
 CELLS = {"lstm": "LSTM", "gru": "GRU"}
+CASES = ("resets", "zoneout", "recurrent_dropout", "weight_dropout", "layernorm")
 P = 0.1  # the regularisation probability of every case
 
 
@@ -128,15 +132,56 @@ def weight_drop(ref, x):
     return step
 
 
+def layernorm_loop(kind, module, x):
+    """What users write for a LayerNorm LSTM/GRU today: the input projection and its
+    LayerNorm for all steps at once, then a per-step Python loop of the cell's math with
+    layer_norm on the recurrent projection (and on c), on ``module``'s parameters (layer 0)
+    so that the result can be checked. Returns (training step, forward)."""
+    T, B, _ = x.shape
+    H, eps = module.hidden_size, module.eps
+    p = {name[:-3]: t for name, t in module.named_parameters()}  # without the "_l0"
+    gates = p["weight_hh"].shape[:1]  # (G * H,): LN_ih and LN_hh normalise all gates together
+    ln = torch.nn.functional.layer_norm
+
+    def run():
+        gx = ln(x @ p["weight_ih"].t(), gates, p["ln_ih_weight"], p["ln_ih_bias"], eps)
+        gx = gx + (p["bias"] if kind == "LSTM" else p["bias_ih"])
+        h = c = x.new_zeros(B, H)
+        ys = []
+        for t in range(T):
+            gh = ln(h @ p["weight_hh"].t(), gates, p["ln_hh_weight"], p["ln_hh_bias"], eps)
+            if kind == "LSTM":
+                i, f, g, o = (gx[t] + gh).chunk(4, 1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(ln(c, (H,), p["ln_c_weight"],
+                                                     p["ln_c_bias"], eps))
+            else:
+                a_r, a_z, a_n = gx[t].chunk(3, 1)
+                b_r, b_z, b_n = (gh + p["bias_hh"]).chunk(3, 1)
+                r, z = torch.sigmoid(a_r + b_r), torch.sigmoid(a_z + b_z)
+                h = (1 - z) * torch.tanh(a_n + r * b_n) + z * h
+            ys.append(h)
+        return torch.stack(ys)
+
+    def step():
+        y = run()
+        torch.autograd.grad(y, [x, *p.values()], torch.ones_like(y))
+    return step, run
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cells", default="lstm,gru")
+    ap.add_argument("--cases", default=",".join(CASES), help="some of " + ",".join(CASES))
     ap.add_argument("--shape", default="16,100,256,256", help="B,T,I,H")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--episode", type=int, default=20, help="mean episode length (resets)")
     args = ap.parse_args(argv)
     B, T, I, H = (int(v) for v in args.shape.split(","))
+    unknown = set(args.cases.split(",")) - set(CASES)
+    if unknown:
+        ap.error(f"unknown cases {sorted(unknown)}; choose from {','.join(CASES)}")
     device = torch.device("cpu")
     print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"float32, B={B} T={T} I={I} H={H}, p={P}, mean episode {args.episode} steps")
@@ -163,14 +208,20 @@ def main(argv=None):
         with_resets = fast()
         torch.testing.assert_close(with_resets(x, resets=resets)[0], split_run(),
                                    atol=1e-4, rtol=1e-4)  # the same episodes, the same result
+        layer_norm = getattr(fastrnn, "LayerNorm" + kind)(I, H)
+        ln_step, ln_run = layernorm_loop(kind, layer_norm, x)
+        torch.testing.assert_close(layer_norm(x)[0], ln_run(), atol=1e-4, rtol=1e-4)
         cases = [
             ("resets", split_step, train_step(with_resets, x, resets=resets)),
             ("zoneout", cell_loop(kind, ref_cell, x, zoneout=P), train_step(fast(zoneout=P), x)),
             ("recurrent_dropout", cell_loop(kind, ref_cell, x, recurrent_dropout=P),
              train_step(fast(recurrent_dropout=P), x)),
             ("weight_dropout", weight_drop(ref, x), train_step(fast(weight_dropout=P), x)),
+            ("layernorm", ln_step, train_step(layer_norm, x)),
         ]
         for name, baseline, fused in cases:
+            if name not in args.cases.split(","):
+                continue
             times = time_interleaved({"base": baseline, "fast": fused, "plain": plain},
                                      args.repeats, args.warmup, device)
             t_base, t_fast, t_plain = (statistics.median(times[k]) for k in ("base", "fast", "plain"))

@@ -1,6 +1,7 @@
-"""fastrnn: fused LSTM/GRU/RNN kernels for PyTorch, as drop-in torch.nn modules."""
+"""fastrnn: fused LSTM/GRU/RNN kernels for PyTorch, as drop-in torch.nn modules, and
+LayerNorm LSTM/GRU layers."""
 from . import functional, reference
-from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from .modules import GRU, LSTM, RNN, GRUCell, LayerNormGRU, LayerNormLSTM, LSTMCell, RNNCell
 from .convert import convert, to_torch
 from .onnx import _register_when_onnxscript_loads
 
@@ -9,6 +10,6 @@ _register_when_onnxscript_loads()
 
 __all__ = [
     "functional", "reference",
-    "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell",
+    "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU",
     "convert", "to_torch",
 ]

@@ -46,6 +46,7 @@ _ONLY_FASTRNN = ("zoneout", "recurrent_dropout", "weight_dropout")
 def to_torch(model):
     """Reverse of :func:`convert`: fastrnn modules become torch.nn ones in place.
 
+    ``LayerNormLSTM`` / ``LayerNormGRU`` have no torch.nn counterpart and stay as they are.
     Raises ValueError, converting nothing, if a module uses a regulariser that torch.nn
     does not have (``zoneout``, ``recurrent_dropout``, ``weight_dropout`` not 0): the
     torch.nn module would silently train without it.

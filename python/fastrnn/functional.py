@@ -122,7 +122,7 @@ def ln_layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, eps=1e-5,
         _stack(list(ws)) for ws in zip(*weights))
     T, B, D, GH = x.shape[0], x.shape[1], w_hh.shape[0], w_hh.shape[1]
     # The input parts of every step and direction: one GEMM, then LN_ih (per direction).
-    gx = _project(x.reshape(T * B, -1), w_ih.reshape(D * GH, -1)).view(T * B, D, GH)
+    gx = _project(x.reshape(T * B, x.shape[2]), w_ih.reshape(D * GH, w_ih.shape[2])).view(T * B, D, GH)
     # LN_ih's affine (and the input bias) is applied inside the op, as it reads gx.
     gx = torch.nn.functional.layer_norm(gx, (GH,), eps=eps)
     gx_b = ln_ih_b if b_ih is None else ln_ih_b + b_ih

@@ -10,16 +10,23 @@ Beyond torch, ``forward`` takes a keyword-only ``lengths=`` for padded input and
 ``resets=`` for episode boundaries inside a sequence, and the constructors take the
 keyword-only ``zoneout=``, ``recurrent_dropout=`` and ``weight_dropout=`` (DropConnect on
 ``weight_hh``).
+
+``LayerNormLSTM`` / ``LayerNormGRU`` reuse that forward with their own parameters and
+``fastrnn.functional.ln_layer`` in place of ``layer``.
 """
+import functools
+import math
 import numbers
 
 import torch
+from torch.nn import init
 from torch.nn.modules.rnn import RNNBase, RNNCellBase
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import functional as F
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM",
+           "LayerNormGRU"]
 
 
 def _run_op(mode, x, state, weights, lengths=None, reverse=False):
@@ -182,24 +189,30 @@ class _RNNBase(RNNBase):
         kernels neither need nor use.
         """
 
+    # The weight tuple of the layer op, one name per entry (None: an entry this class never
+    # has); the parameter is "{name}_l{layer}", with "_reverse" for the reverse direction.
+    _weight_slots = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+
     def _weight_names(self):
-        """Parameter names per layer and direction, each (w_ih, w_hh, b_ih, b_hh, w_hr)."""
+        """Parameter names per layer and direction, one per entry of ``_weight_slots``."""
         key = (self.num_layers, self.bidirectional)
         cached = self.__dict__.get("_fastrnn_names")
         if cached is None or cached[0] != key:
-            names = [[tuple(f"{name}_l{layer}{'_reverse' if d else ''}"
-                            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
-                                         "weight_hr"))
+            names = [[tuple(name and f"{name}_l{layer}{'_reverse' if d else ''}"
+                            for name in self._weight_slots)
                       for d in range(2 if self.bidirectional else 1)]
                      for layer in range(self.num_layers)]
             cached = self.__dict__["_fastrnn_names"] = (key, names)
         return cached[1]
 
     def _all_weights_now(self):
-        """[layer][direction] -> (w_ih, w_hh, b_ih, b_hh, w_hr), read at call time (None
-        where absent), so weight tying and torch.func.functional_call work."""
+        """[layer][direction] -> the layer op's weight tuple (e.g. (w_ih, w_hh, b_ih, b_hh,
+        w_hr)), read at call time (None where absent), so weight tying and
+        torch.func.functional_call work."""
         params = self._parameters
-        return [[tuple(params.get(n) if n in params else getattr(self, n, None) for n in names)
+        # A None name (an entry this class never has) reads as None.
+        return [[tuple(params[n] if n in params else n and getattr(self, n, None)
+                       for n in names)
                  for names in layer] for layer in self._weight_names()]
 
     def _weights_for_call(self):
@@ -212,8 +225,8 @@ class _RNNBase(RNNBase):
         if not (self.training and p > 0):
             return weights
         drop = torch.nn.functional.dropout
-        return [[(w_ih, drop(w_hh, p, training=True), b_ih, b_hh, w_hr)
-                 for (w_ih, w_hh, b_ih, b_hh, w_hr) in layer] for layer in weights]
+        return [[(w_ih, drop(w_hh, p, training=True), *rest) for (w_ih, w_hh, *rest) in layer]
+                for layer in weights]
 
     def _zero_state(self, input, batch):
         num_directions = 2 if self.bidirectional else 1
@@ -244,6 +257,12 @@ class _RNNBase(RNNBase):
         tail = " tensor" if name == "RNN" else ""
         return ValueError(f"{name}: Expected input to be 2D or 3D, got {dim}D{tail} instead")
 
+    def _layer_op(self):
+        """The fused op that runs one layer, every direction in one call, with
+        ``functional.layer``'s arguments; looked up once per forward, so that a layer costs
+        no extra Python call."""
+        return F.layer
+
     def _run_layers(self, x, state, lengths, weights, resets=None):
         """x: [T, B, I]; state: tuple of [L * D, B, *]; weights: [layer][direction] tuples;
         resets: bool [T, B] or None, the same for every layer.
@@ -251,6 +270,7 @@ class _RNNBase(RNNBase):
         Returns (y [T, B, D * P], final state tuple shaped like ``state``)."""
         num_directions = 2 if self.bidirectional else 1
         cell = _CELLS[self.mode]
+        layer_op = self._layer_op()
         finals = []
         for layer in range(self.num_layers):
             if layer > 0 and self.training and self.dropout > 0:
@@ -259,9 +279,9 @@ class _RNNBase(RNNBase):
             s = state if self.num_layers == 1 else tuple(
                 t[layer * num_directions:(layer + 1) * num_directions] for t in state)
             zh, zc = self._zoneout_weights(x)
-            x, h, c = F.layer(cell, x, s[0], s[1] if cell == "lstm" else None, weights[layer],
-                              lengths, resets=resets, zoneout_h=zh, zoneout_c=zc,
-                              rec_mask=self._recurrent_mask(x))
+            x, h, c = layer_op(cell, x, s[0], s[1] if cell == "lstm" else None, weights[layer],
+                               lengths, resets=resets, zoneout_h=zh, zoneout_c=zc,
+                               rec_mask=self._recurrent_mask(x))
             finals.append((h, c) if cell == "lstm" else (h,))
         if self.num_layers == 1:
             return x, finals[0]
@@ -425,6 +445,121 @@ class RNN(_RNNBase):
                 f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'."
             )
         super().__init__(mode, *args, **kwargs)
+
+
+class _LayerNormRNNBase(_RNNBase):
+    """LayerNorm LSTM/GRU: ``_RNNBase``'s forward (input forms, checks, regularisers) over
+    this class's parameters, each layer run by ``functional.ln_layer``. Subclasses set
+    ``_mode`` (torch's mode name, which picks the state and the error messages) and
+    ``_weight_slots`` (``ln_layer``'s weight tuple, also the parameters' order)."""
+
+    _mode = ""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, device=None, dtype=None, *, eps=1e-5,
+                 zoneout=0.0, recurrent_dropout=0.0, weight_dropout=0.0, **kwargs):
+        name = type(self).__name__
+        if "proj_size" in kwargs:
+            raise ValueError(f"proj_size argument is only supported for LSTM, not {name}")
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
+            raise ValueError(f"{name}: eps must be a positive finite number, got {eps!r}")
+        # torch's RNNBase checks the arguments and sets the attributes; the parameters it
+        # makes are torch.nn's set, replaced below.
+        super().__init__(self._mode, input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, device=device, dtype=dtype, zoneout=zoneout,
+                         recurrent_dropout=recurrent_dropout, weight_dropout=weight_dropout,
+                         **kwargs)
+        self.eps = float(eps)
+        self._parameters.clear()
+        # RNNBase's bookkeeping (all_weights, _flat_weights) follows these names.
+        self._all_weights = []
+        for layer, directions in enumerate(self._weight_names()):
+            for names in directions:
+                group = []
+                for slot, n in zip(self._weight_slots, names):
+                    if slot is None or (slot.startswith("bias") and not bias):
+                        continue
+                    shape = self._shape(slot, layer)
+                    self.register_parameter(n, torch.nn.Parameter(
+                        torch.empty(shape, device=device, dtype=dtype)))
+                    group.append(n)
+                self._all_weights.append(group)
+        self._flat_weights_names = [n for group in self._all_weights for n in group]
+        self._init_flat_weights()
+        self.reset_parameters()
+
+    def _shape(self, slot, layer):
+        H, D = self.hidden_size, 2 if self.bidirectional else 1
+        GH = {"LSTM": 4, "GRU": 3}[self.mode] * H
+        if slot == "weight_ih":
+            return (GH, self.input_size if layer == 0 else H * D)
+        if slot == "weight_hh":
+            return (GH, H)
+        return (H,) if slot.startswith("ln_c_") else (GH,)
+
+    def reset_parameters(self):
+        """LayerNorm weights 1 and biases 0; the rest U(-1/sqrt(H), 1/sqrt(H)) as torch.nn."""
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for name, p in self.named_parameters():
+            if not name.startswith("ln_"):
+                init.uniform_(p, -stdv, stdv)
+            elif "_weight_" in name:
+                init.ones_(p)
+            else:
+                init.zeros_(p)
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        return s + (f", eps={self.eps}" if self.eps != 1e-5 else "")
+
+    def _layer_op(self):
+        return functools.partial(F.ln_layer, eps=self.eps)
+
+
+class LayerNormLSTM(_LayerNormRNNBase):
+    """LSTM with layer normalisation (Ba et al. 2016), gates i, f, g, o::
+
+        gates = LN_ih(x W_ih^T) + LN_hh(h W_hh^T) + bias
+        c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
+        h' = sigmoid(o) * tanh(LN_c(c'))
+
+    Each LN normalises the whole vector of one row (4H values, H for LN_c). Arguments as
+    :class:`fastrnn.LSTM` without ``proj_size``, plus keyword-only ``eps`` (LN's epsilon).
+    Parameters per layer k (``_reverse`` for the reverse direction): ``weight_ih_l{k}``
+    [4H, I_k], ``weight_hh_l{k}`` [4H, H], ``bias_l{k}`` [4H] (one bias; none with
+    ``bias=False``), ``ln_ih_weight_l{k}``, ``ln_ih_bias_l{k}``, ``ln_hh_weight_l{k}``,
+    ``ln_hh_bias_l{k}`` [4H], ``ln_c_weight_l{k}``, ``ln_c_bias_l{k}`` [H].
+    ``forward`` is :class:`fastrnn.LSTM`'s.
+    """
+
+    _mode = "LSTM"
+    _weight_slots = ("weight_ih", "weight_hh", "bias", None, "ln_ih_weight", "ln_ih_bias",
+                     "ln_hh_weight", "ln_hh_bias", "ln_c_weight", "ln_c_bias")
+
+    # The (h, c) state's helpers, as fastrnn.LSTM.
+    get_expected_cell_size = LSTM.get_expected_cell_size
+    check_forward_args = LSTM.check_forward_args
+    permute_hidden = LSTM.permute_hidden
+
+
+class LayerNormGRU(_LayerNormRNNBase):
+    """GRU with layer normalisation, gates r, z, n::
+
+        a = LN_ih(x W_ih^T) + b_ih,  b = LN_hh(h W_hh^T) + b_hh
+        r = sigmoid(a_r + b_r),  z = sigmoid(a_z + b_z),  n = tanh(a_n + r * b_n)
+        h' = (1 - z) * n + z * h
+
+    Each LN normalises the whole vector of one row (3H values). Arguments as
+    :class:`fastrnn.GRU`, plus keyword-only ``eps`` (LN's epsilon). Parameters per layer k
+    (``_reverse`` for the reverse direction): ``weight_ih_l{k}`` [3H, I_k],
+    ``weight_hh_l{k}`` [3H, H], ``bias_ih_l{k}``, ``bias_hh_l{k}`` [3H] (none with
+    ``bias=False``), ``ln_ih_weight_l{k}``, ``ln_ih_bias_l{k}``, ``ln_hh_weight_l{k}``,
+    ``ln_hh_bias_l{k}`` [3H]. ``forward`` is :class:`fastrnn.GRU`'s.
+    """
+
+    _mode = "GRU"
+    _weight_slots = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "ln_ih_weight",
+                     "ln_ih_bias", "ln_hh_weight", "ln_hh_bias", None, None)
 
 
 class _CellBase(RNNCellBase):
