@@ -137,8 +137,8 @@ def test_opcheck(cell, D):
      _) = args
     bargs = (cell, torch.randn_like(y), torch.randn_like(h_n),
              torch.randn_like(c_n) if cell == "lstm" else None, gx.detach(), gx_w.detach(),
-             w_hh.detach(),
-             ln_w.detach(), None if lnc_w is None else lnc_w.detach(),
+             gx_b.detach(), w_hh.detach(), None if b_hh is None else b_hh.detach(),
+             ln_w.detach(), ln_b.detach(), None if lnc_w is None else lnc_w.detach(),
              None if lnc_b is None else lnc_b.detach(), lengths, gates, hprev, cprev, ln_rstd,
              reverse)
     torch.library.opcheck(ops.ln_backward, bargs)

@@ -197,13 +197,15 @@ struct Rnn {
 // ---- LayerNorm cells (Ba et al. 2016) --------------------------------------------------
 // The recurrent parts are layer-normalised over the whole G*H gate vector of a row before
 // the cell math: hg = ln_w * norm(h W_hh^T) + ln_b (+ b_hh). The driver does that (it needs
-// the whole row), and saves the normalised values norm(h W_hh^T) after the cell's own,
-// at save[kNorm + k]. The input parts arrive normalised.
+// the whole row). It saves only the normalised values norm(h W_hh^T), at save[k] (and
+// LnLstm's norm(c)): the backward recomputes the gates from them and the input parts,
+// which costs a few vector operations where saving them would cost memory traffic.
+// kCellSaved: the plain cell's own saved values, recomputed.
 
 struct LnGru : Gru {
   static constexpr bool kLayerNorm = true;
-  static constexpr int kNorm = Gru::kSaved;            // r, z, n, hg_n, then the norms
-  static constexpr int kSaved = Gru::kSaved + kGates;
+  static constexpr int kCellSaved = Gru::kSaved;
+  static constexpr int kSaved = kGates;                // the norms
 };
 
 // LayerNorm LSTM also normalises the new c over the row's H units before the output's
@@ -211,8 +213,8 @@ struct LnGru : Gru {
 // c, then output().
 struct LnLstm {
   static constexpr int kGates = 4;
-  static constexpr int kNorm = 4;                      // i, f, g, o, then the norms
-  static constexpr int kNormC = kNorm + kGates;        // then norm(c)
+  static constexpr int kCellSaved = Lstm::kSaved;
+  static constexpr int kNormC = kGates;                // the norms, then norm(c)
   static constexpr int kSaved = kNormC + 1;
   static constexpr bool kHasCell = true;
   static constexpr bool kUsesPrevH = false;

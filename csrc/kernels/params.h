@@ -73,6 +73,13 @@ struct BackwardParams {
   const Scalar* lnc_w = nullptr;    // [H] LnLstm
   const Scalar* lnc_b = nullptr;    // [H] LnLstm
   const Scalar* ln_rstd = nullptr;  // [T, B, 2] saved by forward
+  // What the gates are recomputed from (ForwardParams' gx, ldgx, gx_w, gx_b, ln_b, b_hh).
+  const Scalar* gx = nullptr;       // [T, B, ldgx]
+  int64_t ldgx = 0;
+  const Scalar* gx_w = nullptr;     // [G*H]
+  const Scalar* gx_b = nullptr;     // [G*H]
+  const Scalar* ln_b = nullptr;     // [G*H]
+  const Scalar* b_hh = nullptr;     // [G*H] or nullptr
   Scalar* draw = nullptr;           // [T, B, ldg] out: d(h W_hh^T), the LayerNorm's input
                                     //   (feeds dW_hh); dgh is then w.r.t. its output
   Scalar* dlnc = nullptr;           // [T, B, H] out: d(lnc_w * norm(c) + lnc_b) (LnLstm)

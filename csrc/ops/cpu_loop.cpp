@@ -79,15 +79,18 @@ void cpu_matmul_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   });
 }
 
-void cpu_column_sum_out(at::Tensor& out, const at::Tensor& t, const at::Tensor& u) {
+void cpu_column_sum_out(at::Tensor& out, const at::Tensor& t, const at::Tensor& u,
+                        at::Tensor& out_u) {
   TORCH_INTERNAL_ASSERT(t.dim() == 2 && out.dim() == 1 && out.size(0) == t.size(1) &&
                         out.is_contiguous());
-  TORCH_INTERNAL_ASSERT(!u.defined() || (u.sizes() == t.sizes() && u.stride(1) == t.stride(1)));
+  TORCH_INTERNAL_ASSERT(!u.defined() || (u.sizes() == t.sizes() && u.stride(1) == t.stride(1) &&
+                                         out_u.sizes() == out.sizes() && out_u.is_contiguous()));
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fastrnn_cpu_column_sum", [&] {
     Table<scalar_t>::column_sum(cpu::kernels())(
         t.const_data_ptr<scalar_t>(), t.size(0), t.size(1), t.stride(0), t.stride(1),
         out.mutable_data_ptr<scalar_t>(), at::get_num_threads(),
-        u.defined() ? u.const_data_ptr<scalar_t>() : nullptr, u.defined() ? u.stride(0) : 0);
+        u.defined() ? u.const_data_ptr<scalar_t>() : nullptr, u.defined() ? u.stride(0) : 0,
+        u.defined() ? out_u.mutable_data_ptr<scalar_t>() : nullptr);
   });
 }
 

@@ -54,8 +54,8 @@ TORCH_LIBRARY(fastrnn, m) {
       "Tensor ln_rstd)");
   m.def(
       "ln_backward(str cell, Tensor? dy, Tensor? dh_n, Tensor? dc_n, Tensor gx, Tensor gx_w, "
-      "Tensor w_hh, "
-      "Tensor ln_w, Tensor? lnc_w, Tensor? lnc_b, Tensor? lengths, Tensor gates, "
+      "Tensor gx_b, Tensor w_hh, Tensor? b_hh, Tensor ln_w, Tensor ln_b, Tensor? lnc_w, "
+      "Tensor? lnc_b, Tensor? lengths, Tensor gates, "
       "Tensor hprev, Tensor cprev, Tensor ln_rstd, bool reverse, Tensor? resets=None, "
       "Tensor? zoneout_h=None, Tensor? zoneout_c=None, Tensor? rec_mask=None) "
       "-> (Tensor dgx, Tensor dh0, Tensor dc0, Tensor dw_hh, Tensor db_hh, Tensor dln_w, "

@@ -55,13 +55,21 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias
   return out;
 }
 
-// Column sums of t [N, C] (the bias gradients), or of t * u, rows summed in order on the
-// CPU so the result is the same whatever the thread count.
-at::Tensor column_sum(const at::Tensor& t, const at::Tensor& u = {}) {
-  if (t.is_cuda()) return u.defined() ? (t * u).sum(0) : t.sum(0);
-  at::Tensor out = at::empty({t.size(1)}, t.options());
-  cpu_column_sum_out(out, t, u);
+// Column sums of t [N, C] (the bias gradients), rows summed in order on the CPU so the
+// result is the same whatever the thread count.
+at::Tensor column_sum(const at::Tensor& t) {
+  if (t.is_cuda()) return t.sum(0);
+  at::Tensor out = at::empty({t.size(1)}, t.options()), none;
+  cpu_column_sum_out(out, t, at::Tensor(), none);
   return out;
+}
+
+// (column sums of t, column sums of t * u) for t, u [N, C], in one pass on the CPU.
+std::pair<at::Tensor, at::Tensor> column_sums(const at::Tensor& t, const at::Tensor& u) {
+  if (t.is_cuda()) return {t.sum(0), (t * u).sum(0)};
+  at::Tensor out = at::empty({t.size(1)}, t.options()), out_u = at::empty_like(out);
+  cpu_column_sum_out(out, t, u, out_u);
+  return {out, out_u};
 }
 
 // The rows of `t` (dim 0 of a [T*B, n] view, or dim 1 of [D, T*B, n]) that are valid.
@@ -204,7 +212,9 @@ ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx_, const a
 LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Tensor>& dy,
                            const c10::optional<at::Tensor>& dh_n,
                            const c10::optional<at::Tensor>& dc_n, const at::Tensor& gx,
-                           const at::Tensor& gx_w, const at::Tensor& w_hh, const at::Tensor& ln_w,
+                           const at::Tensor& gx_w, const at::Tensor& gx_b,
+                           const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+                           const at::Tensor& ln_w, const at::Tensor& ln_b,
                            const c10::optional<at::Tensor>& lnc_w,
                            const c10::optional<at::Tensor>& lnc_b,
                            const c10::optional<at::Tensor>& lengths, const at::Tensor& gates,
@@ -216,7 +226,10 @@ LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Te
                            const c10::optional<at::Tensor>& rec_mask) {
   const Shapes s = check_ln(cell, gx, w_hh, ln_w, lnc_w, lnc_b);
   check_saved_state(s, gx, gates, hprev);
-  check_gate_vector(s, gx, gx_w, "gx_w");
+  for (auto [v, name] : {std::make_pair(&gx_w, "gx_w"), std::make_pair(&gx_b, "gx_b"),
+                         std::make_pair(&ln_b, "ln_b")})
+    check_gate_vector(s, gx, *v, name);
+  check_gate_vector(s, gx, b_hh, "b_hh");
   auto def = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
   check_backward_rest(s, gx, def(dy), def(dh_n), def(dc_n), def(lengths), cprev, at::Tensor());
   if (s.T * s.B > 0) {
@@ -250,6 +263,11 @@ LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Te
   a.draw = scratch(kDgx, {s.T, s.B, DGH}, o);
   a.dlnc = lstm ? at::empty({s.D, s.T, s.B, s.H}, o) : empty0(gx);
   if (TB > 0) {
+    a.gx = gx.contiguous();
+    a.gx_w = gx_w.contiguous();
+    a.gx_b = gx_b.contiguous();
+    a.b_hh = contig(b_hh);
+    a.ln_b = ln_b.contiguous();
     a.w_hh = w_hh.contiguous();
     a.ln_w = ln_w.contiguous();
     a.lnc_w = contig(lnc_w);
@@ -279,7 +297,6 @@ LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Te
   // The saved norms of a direction: [T*B, G*H] (LN_hh) and [T*B, H] (LN_c) views, row
   // stride S*H; zeros with no step.
   const at::Tensor saved = TB > 0 ? a.gates.view({s.D, TB, s.S * s.H}) : at::zeros({s.D, 1, s.S * s.H}, o);
-  const int64_t norm0 = (lstm ? LnLstm::kNorm : LnGru::kNorm) * s.H;
   const at::Tensor gx2 = gx.contiguous().view({TB, DGH});
   const at::Tensor dgx2 = a.dgx.view({TB, DGH});
   std::vector<at::Tensor> dw_hh, db_hh, dln_w, dlnc_w, dlnc_b;
@@ -288,21 +305,22 @@ LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Te
     const at::Tensor dg = a.dgh.view({TB, DGH}).narrow(1, d * GH, GH);
     const at::Tensor sv = saved[d].narrow(0, 0, TB);
     dw_hh.push_back(gemm(dr.t(), hrec.view({s.D, TB, s.H})[d]));
-    db_hh.push_back(column_sum(dg));
-    dln_w.push_back(column_sum(dg, sv.narrow(1, norm0, GH)));
+    auto [db, dw] = column_sums(dg, sv.narrow(1, 0, GH));
+    db_hh.push_back(db);
+    dln_w.push_back(dw);
     if (lstm) {
-      const at::Tensor du = a.dlnc[d].view({TB, s.H});
-      dlnc_w.push_back(column_sum(du, sv.narrow(1, LnLstm::kNormC * s.H, s.H)));
-      dlnc_b.push_back(column_sum(du));
+      auto [dcb, dcw] = column_sums(a.dlnc[d].view({TB, s.H}),
+                                    sv.narrow(1, LnLstm::kNormC * s.H, s.H));
+      dlnc_w.push_back(dcw);
+      dlnc_b.push_back(dcb);
     }
   }
   // LN_ih's affine: gradients of gx_w and gx_b, then dgx becomes w.r.t. gx itself.
-  const at::Tensor dgx_w = column_sum(dgx2, gx2).view({s.D, GH});
-  const at::Tensor dgx_b = column_sum(dgx2).view({s.D, GH});
+  auto [dgx_b, dgx_w] = column_sums(dgx2, gx2);
   a.dgx.view({TB, s.D, GH}).mul_(gx_w);
   return {a.dgx, a.dh0, a.dc0, at::stack(dw_hh), at::stack(db_hh), at::stack(dln_w),
           lstm ? at::stack(dlnc_w) : empty0(gx), lstm ? at::stack(dlnc_b) : empty0(gx),
-          dgx_w, dgx_b};
+          dgx_w.view({s.D, GH}), dgx_b.view({s.D, GH})};
 }
 
 at::Tensor mm_op(const at::Tensor& a, const at::Tensor& b) {

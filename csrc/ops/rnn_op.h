@@ -65,7 +65,9 @@ ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx, const at
 LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Tensor>& dy,
                            const c10::optional<at::Tensor>& dh_n,
                            const c10::optional<at::Tensor>& dc_n, const at::Tensor& gx,
-                           const at::Tensor& gx_w, const at::Tensor& w_hh, const at::Tensor& ln_w,
+                           const at::Tensor& gx_w, const at::Tensor& gx_b,
+                           const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+                           const at::Tensor& ln_w, const at::Tensor& ln_b,
                            const c10::optional<at::Tensor>& lnc_w,
                            const c10::optional<at::Tensor>& lnc_b,
                            const c10::optional<at::Tensor>& lengths, const at::Tensor& gates,
@@ -160,6 +162,9 @@ BackwardParams<E> backward_params(const LoopTensors& a, int d) {
   p.ln_w = cptr<T, E>(at_d(a.ln_w));
   p.lnc_w = cptr<T, E>(at_d(a.lnc_w)); p.lnc_b = cptr<T, E>(at_d(a.lnc_b));
   p.ln_rstd = cptr<T, E>(at_d(a.ln_rstd));
+  p.gx = a.gx.defined() ? cptr<T, E>(a.gx) + d * GH : nullptr; p.ldgx = s.D * GH;
+  p.gx_w = cptr<T, E>(at_d(a.gx_w)); p.gx_b = cptr<T, E>(at_d(a.gx_b));
+  p.ln_b = cptr<T, E>(at_d(a.ln_b)); p.b_hh = cptr<T, E>(at_d(a.b_hh));
   p.draw = a.draw.defined() ? mptr<T, E>(a.draw) + d * GH : nullptr;
   p.dlnc = mptr<T, E>(at_d(a.dlnc));
   return p;
@@ -171,9 +176,10 @@ void cpu_forward_loop(const LoopTensors& a);
 // [N], contiguous, or undefined) (+ out when accumulate); a and b may have any strides.
 void cpu_matmul_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                     const at::Tensor& bias, bool accumulate);
-// out [C] = column sums of t [N, C] (any strides), or of t * u (u of t's shape and column
-// stride) when u is defined, each summed in row order.
-void cpu_column_sum_out(at::Tensor& out, const at::Tensor& t, const at::Tensor& u = {});
+// out [C] = column sums of t [N, C] (any strides), and when u is defined (t's shape and
+// column stride), out_u [C] = those of t * u, in the same pass; each summed in row order.
+void cpu_column_sum_out(at::Tensor& out, const at::Tensor& t, const at::Tensor& u,
+                        at::Tensor& out_u);
 void cpu_backward_loop(const LoopTensors& a);
 void cuda_forward_loop(const LoopTensors& a);
 void cuda_backward_loop(const LoopTensors& a);

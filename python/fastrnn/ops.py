@@ -28,7 +28,7 @@ backward = torch.ops.fastrnn.backward.default
 ln_forward = torch.ops.fastrnn.ln_forward.default
 ln_backward = torch.ops.fastrnn.ln_backward.default
 mm = torch.ops.fastrnn.mm.default
-_LN_SAVED = {"lstm": 9, "gru": 7}  # cells.h: LnLstm, LnGru
+_LN_SAVED = {"lstm": 5, "gru": 3}  # cells.h: LnLstm, LnGru
 
 
 def _check_like_x(x, **tensors):
@@ -111,9 +111,9 @@ def _ln_forward_fake(cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, gx_
 
 
 @torch.library.register_fake("fastrnn::ln_backward")
-def _ln_backward_fake(cell, dy, dh_n, dc_n, gx, gx_w, w_hh, ln_w, lnc_w, lnc_b, lengths, gates,
-                      hprev, cprev, ln_rstd, reverse, resets=None, zoneout_h=None,
-                      zoneout_c=None, rec_mask=None):
+def _ln_backward_fake(cell, dy, dh_n, dc_n, gx, gx_w, gx_b, w_hh, b_hh, ln_w, ln_b, lnc_w,
+                      lnc_b, lengths, gates, hprev, cprev, ln_rstd, reverse, resets=None,
+                      zoneout_h=None, zoneout_c=None, rec_mask=None):
     D, GH, H = w_hh.shape
     B = gx.shape[1]
     lstm = cell == "lstm"
@@ -237,8 +237,8 @@ def _ln_backward(ctx, dy, dh_n, dc_n, *_saved_grads):
         grads = (None, *(next(got) if n else None for n in need[1:12]))
     else:
         dgx, dh0, dc0, dw_hh, db_hh, dln_w, dlnc_w, dlnc_b, dgx_w, dgx_b = ln_backward(
-            ctx.cell, dy, dh_n, dc_n, gx, gx_w, w_hh, ln_w, lnc_w, lnc_b, lengths, gates, hprev,
-            cprev, ln_rstd, ctx.reverse, *extra)
+            ctx.cell, dy, dh_n, dc_n, gx, gx_w, gx_b, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b,
+            lengths, gates, hprev, cprev, ln_rstd, ctx.reverse, *extra)
         lstm = ctx.cell == "lstm"
         grads = (None, dgx, dh0, dc0 if lstm else None, dw_hh, db_hh if need[5] else None,
                  dln_w, db_hh if need[7] else None, dlnc_w if lstm else None,

@@ -319,36 +319,46 @@ void parallel_gemm_fit(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars,
     parallel_gemm<G>(M, N, K, a, ars, aks, b, bk, bn, beta, bias, c, ldc, threads);
 }
 
-// out[c] = sum of t[r * rs + c * cs] (times u[r * us + c * cs] when u is given) over rows
-// r = 0..R-1 in order (the bias and LayerNorm gradients): threads split the columns, so any
-// thread count gives the same bits.
+// out[c] = sum of t[r * rs + c * cs] and, when u is given, out_u[c] = sum of that times
+// u[r * us + c * cs], over rows r = 0..R-1 in order, both in one pass (the bias and
+// LayerNorm gradients): threads split the columns, so any thread count gives the same bits.
 template <class V, class T>
 void column_sum(const T* t, int64_t R, int64_t C, int64_t rs, int64_t cs, T* out, int threads,
-                const T* u = nullptr, int64_t us = 0) {
+                const T* u = nullptr, int64_t us = 0, T* out_u = nullptr) {
   constexpr int L = V::kLanes;
-  constexpr int64_t kChunk = 4 * L;  // columns per task: four vector accumulators
+  constexpr int64_t kChunk = 4 * L;  // columns per task: four vector accumulators (each sum)
   const int64_t chunks = (C + kChunk - 1) / kChunk;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, chunks)));
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && R * C > (1 << 16))
   for (int64_t q = 0; q < chunks; ++q) {
     const int64_t c0 = q * kChunk, n = std::min(kChunk, C - c0);
     if (cs == 1 && n == kChunk) {
-      V acc[4] = {V(T(0)), V(T(0)), V(T(0)), V(T(0))};
+      V acc[4], acc_u[4];
+      for (int v = 0; v < 4; ++v) acc[v] = acc_u[v] = V(T(0));
       if (u) {
         for (int64_t r = 0; r < R; ++r)
-          for (int v = 0; v < 4; ++v)
-            acc[v] += V::load(t + r * rs + c0 + v * L) * V::load(u + r * us + c0 + v * L);
+          for (int v = 0; v < 4; ++v) {
+            const V x = V::load(t + r * rs + c0 + v * L);
+            acc[v] += x;
+            acc_u[v] += x * V::load(u + r * us + c0 + v * L);
+          }
       } else {
         for (int64_t r = 0; r < R; ++r)
           for (int v = 0; v < 4; ++v) acc[v] += V::load(t + r * rs + c0 + v * L);
       }
-      for (int v = 0; v < 4; ++v) acc[v].store(out + c0 + v * L);
+      for (int v = 0; v < 4; ++v) {
+        acc[v].store(out + c0 + v * L);
+        if (u) acc_u[v].store(out_u + c0 + v * L);
+      }
     } else {
       for (int64_t c = c0; c < c0 + n; ++c) {
-        T sum = T(0);
-        for (int64_t r = 0; r < R; ++r)
-          sum += u ? t[r * rs + c * cs] * u[r * us + c * cs] : t[r * rs + c * cs];
+        T sum = T(0), sum_u = T(0);
+        for (int64_t r = 0; r < R; ++r) {
+          sum += t[r * rs + c * cs];
+          if (u) sum_u += t[r * rs + c * cs] * u[r * us + c * cs];
+        }
         out[c] = sum;
+        if (u) out_u[c] = sum_u;
       }
     }
   }

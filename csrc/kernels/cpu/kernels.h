@@ -62,12 +62,13 @@ struct Kernels {
   // A large GEMM over `threads` threads; the same bits for any thread count.
   void (*gemm_f32)(const GemmArgs<float>&, int threads);
   void (*gemm_f64)(const GemmArgs<double>&, int threads);
-  // out[c] = sum over rows r (in order) of t[r * rs + c * cs] (times u[r * us + c * cs]
-  // when u is not nullptr), c < C: bias and LayerNorm gradients.
+  // out[c] = sum over rows r (in order) of t[r * rs + c * cs], c < C, and when u is not
+  // nullptr out_u[c] = the same sum of t times u[r * us + c * cs], in the same pass: bias
+  // and LayerNorm gradients.
   void (*column_sum_f32)(const float* t, int64_t R, int64_t C, int64_t rs, int64_t cs,
-                         float* out, int threads, const float* u, int64_t us);
+                         float* out, int threads, const float* u, int64_t us, float* out_u);
   void (*column_sum_f64)(const double* t, int64_t R, int64_t C, int64_t rs, int64_t cs,
-                         double* out, int threads, const double* u, int64_t us);
+                         double* out, int threads, const double* u, int64_t us, double* out_u);
 };
 
 // The table in use: the best this CPU supports, unless set_kernels chose another.

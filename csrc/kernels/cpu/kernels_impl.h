@@ -28,8 +28,8 @@ void run_gemm(const GemmArgs<T>& g, int threads) {
 
 template <class T>
 void run_column_sum(const T* t, int64_t R, int64_t C, int64_t rs, int64_t cs, T* out,
-                    int threads, const T* u, int64_t us) {
-  column_sum<typename kIsa::template V<T>>(t, R, C, rs, cs, out, threads, u, us);
+                    int threads, const T* u, int64_t us, T* out_u) {
+  column_sum<typename kIsa::template V<T>>(t, R, C, rs, cs, out, threads, u, us, out_u);
 }
 
 #define FASTRNN_STR2(x) #x

@@ -23,6 +23,19 @@ inline int64_t norm_blocks(int64_t H) { return (H + kNormBlock - 1) / kNormBlock
 inline int64_t first_block(int64_t j0) { return j0 / kNormBlock; }
 inline int64_t end_block(int64_t j1) { return norm_blocks(j1); }
 
+// body(j, load, store) for j = j0, j0 + L, ... < j1, L = V::kLanes: load(q) reads the
+// vector of units [j, min(j + L, j1)) at q, store(v, q) writes it (the last one partial).
+template <class V, class T, class Body>
+FASTRNN_INLINE void for_vectors(int64_t j0, int64_t j1, Body&& body) {
+  constexpr int L = V::kLanes;
+  for (int64_t j = j0; j < j1; j += L) {
+    const int m = static_cast<int>(std::min<int64_t>(L, j1 - j));
+    const bool full = m == L;
+    body(j, [full, m](const T* q) { return full ? V::load(q) : V::load(q, m); },
+         [full, m](V v, T* q) { full ? v.store(q) : v.store(q, m); });
+  }
+}
+
 // Sum of a vector's lanes, in lane order.
 template <class V>
 FASTRNN_INLINE auto lane_sum(V v) {

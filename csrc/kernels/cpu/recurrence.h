@@ -399,7 +399,6 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
   T* part_c = part + 2 * Bn * nblk;    // [B, nblk, 2] those of c (LnLstm)
   auto ln_cells = [&](auto cell, const StepIo<T>& io, int64_t t, int64_t n) {
     using C = decltype(cell);
-    constexpr int N0 = C::kNorm;
     const int64_t GH = G * H;
     for_tiles(n, [&](auto rows, auto nb, int64_t i0, const T* panel, int64_t u0, int64_t nu) {
       raw_tile<G, decltype(rows)::value, decltype(nb)::value, V>(P, H, io.hrec, panel, i0, u0,
@@ -415,12 +414,8 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
       if (saving && team.rank == 0) p.ln_rstd[row * 2] = rstd;
       const T* x = p.gx + row * p.ldgx;
       T* save = saving ? p.gates + row * C::kSaved * H : nullptr;
-      for (int64_t ub = j0; ub < j1; ub += L) {
-        const int m = static_cast<int>(std::min<int64_t>(L, j1 - ub));
-        const bool full = m == L;
-        auto load = [full, m](const T* q) { return full ? V::load(q) : V::load(q, m); };
-        auto store = [full, m](V v, T* q) { full ? v.store(q) : v.store(q, m); };
-        V xg[G], hg[G], norm[G], sv[C::kSaved], h, c(T(0));
+      for_vectors<V, T>(j0, j1, [&](int64_t ub, auto load, auto store) {
+        V xg[G], hg[G], norm[G], sv[C::kCellSaved], h, c(T(0));
 #pragma GCC unroll 4
         for (int g = 0; g < G; ++g) {
           norm[g] = (load(raw + i * GH + g * H + ub) - V(mean)) * V(rstd);
@@ -439,11 +434,9 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
         }
         if (saving) {
 #pragma GCC unroll 4
-          for (int k = 0; k < N0; ++k) store(sv[k], save + k * H + ub);
-#pragma GCC unroll 4
-          for (int g = 0; g < G; ++g) store(norm[g], save + (N0 + g) * H + ub);
+          for (int g = 0; g < G; ++g) store(norm[g], save + g * H + ub);
         }
-      }
+      });
     }
     if constexpr (C::kHasCell) {
       for (int64_t i = 0; i < n; ++i)
@@ -456,18 +449,14 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
         row_moments(part_c + i * nblk * 2, H, 1, p.eps, mean, rstd);
         if (saving && team.rank == 0) p.ln_rstd[row * 2 + 1] = rstd;
         T* save = saving ? p.gates + row * C::kSaved * H : nullptr;
-        for (int64_t ub = j0; ub < j1; ub += L) {
-          const int m = static_cast<int>(std::min<int64_t>(L, j1 - ub));
-          const bool full = m == L;
-          auto load = [full, m](const T* q) { return full ? V::load(q) : V::load(q, m); };
-          auto store = [full, m](V v, T* q) { full ? v.store(q) : v.store(q, m); };
+        for_vectors<V, T>(j0, j1, [&](int64_t ub, auto load, auto store) {
           const V cn = (load(io.cout + i * H + ub) - V(mean)) * V(rstd);
           const V h = C::output(load(io.mbuf + i * H + ub), cn, load(p.lnc_w + ub),
                                 load(p.lnc_b + ub));
           store(h, io.hout + i * P + ub);
           store(h, io.yt + bi * p.ldy + ub);
           if (saving) store(cn, save + C::kNormC * H + ub);
-        }
+        });
       }
     }
   };
@@ -627,7 +616,23 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
   T* part_c = part + 2 * Bn * nblk;   // [B, nblk, 2] sums for LN_c (LnLstm)
   auto ln_gradients = [&](auto cell, int64_t t, int64_t n, T* dgs) {
     using C = decltype(cell);
-    constexpr int N0 = C::kNorm;
+    // The cell's values (gates) of flat row `row`, units [j, j + L), recomputed as the
+    // forward computed them, from the input parts and the saved norms.
+    auto cell_values = [&](int64_t row, int64_t j, auto load, V (&sv)[C::kCellSaved]) {
+      const T* norm = p.gates + row * C::kSaved * H;
+      const T* x = p.gx + row * p.ldgx;
+      V xg[G], hg[G], h, c(T(0));
+      for (int g = 0; g < G; ++g) {
+        const int64_t q = g * H + j;
+        xg[g] = load(x + q) * load(p.gx_w + q) + load(p.gx_b + q);
+        hg[g] = load(norm + q) * load(p.ln_w + q) + load(p.ln_b + q) +
+                (p.b_hh ? load(p.b_hh + q) : V(T(0)));
+      }
+      if constexpr (C::kHasCell)
+        C::state(xg, hg, V(T(0)), c, sv);  // the gates do not depend on c
+      else
+        C::forward(xg, hg, load(p.hprev + row * P + j), V(T(0)), h, c, sv);
+    };
     for (int64_t i = n; i < Bn; ++i) {  // padded: no gradient; dh, dc pass through
       const int64_t row = t * B + order[i];
       for (int k = 0; k < G; ++k) {
@@ -643,9 +648,16 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
         const T* save = p.gates + row * C::kSaved * H;
         T* du = p.dlnc + row * H;
         zoneout_dc(i, row);
-        for (int64_t j = j0; j < j1; ++j)
-          C::output_backward(save[3 * H + j], save[C::kNormC * H + j], p.lnc_w[j], p.lnc_b[j],
-                             dh[i * P + j], p.dgx[row * p.ldg + 3 * H + j], du[j]);
+        for_vectors<V, T>(j0, j1, [&](int64_t j, auto load, auto store) {
+          V sv[C::kCellSaved], dgo, duj;
+          cell_values(row, j, load, sv);
+          C::output_backward(sv[3], load(save + C::kNormC * H + j),
+                             load(p.lnc_w + j), load(p.lnc_b + j), load(dh + i * P + j), dgo, duj);
+          store(dgo, p.dgx + row * p.ldg + 3 * H + j);
+          store(duj, du + j);
+          // i, f, g wait in their gradients' places of dgx until the second pass.
+          for (int k = 0; k < 3; ++k) store(sv[k], p.dgx + row * p.ldg + k * H + j);
+        });
         for (int64_t k = k0; k < k1; ++k)
           block_sums<V>(du, save + C::kNormC * H, p.lnc_w, H, 1, k, part_c + (i * nblk + k) * 2);
       }
@@ -659,45 +671,55 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
         T mean0, mean1;
         row_means(part_c + i * nblk * 2, H, 1, mean0, mean1);
         const T rstd = p.ln_rstd[row * 2 + 1];
-        for (int64_t j = j0; j < j1; ++j) {
-          const T dct = dc[i * H + j] + norm_input_grad(p.lnc_w[j] * du[j],
-                                                        save[C::kNormC * H + j], rstd, mean0,
-                                                        mean1);
-          T sv[3] = {save[j], save[H + j], save[2 * H + j]}, d[3], dcv;
-          C::state_backward(sv, cp[j], dct, d, dcv);
-          for (int k = 0; k < 3; ++k) gx[k * H + j] = d[k];
-          dc[i * H + j] = dcv + (p.zoneout_c ? dzc[i * H + j] : T(0));
-          dh[i * P + j] = T(0);  // no direct part: only the recurrent product reaches h_prev
-        }
+        for_vectors<V, T>(j0, j1, [&](int64_t j, auto load, auto store) {
+          const V dct = load(dc + i * H + j) +
+                        norm_input_grad(load(p.lnc_w + j) * load(du + j),
+                                        load(save + C::kNormC * H + j), V(rstd), V(mean0),
+                                        V(mean1));
+          V sv[3] = {load(gx + j), load(gx + H + j), load(gx + 2 * H + j)}, d[3], dcv;
+          C::state_backward(sv, load(cp + j), dct, d, dcv);
+          for (int k = 0; k < 3; ++k) store(d[k], gx + k * H + j);
+          store(p.zoneout_c ? dcv + load(dzc + i * H + j) : dcv, dc + i * H + j);
+          store(V(T(0)), dh + i * P + j);  // no direct part: only W_hh's reaches h_prev
+        });
       }
     } else {
       for (int64_t i = 0; i < n; ++i) {
         const int64_t row = t * B + order[i];
-        backward_units<C, true>(hs, p.gates + row * C::kSaved * H + j0, H,
-                                p.hprev + row * P + j0, static_cast<const T*>(nullptr),
-                                dh + i * P + j0, static_cast<T*>(nullptr),
-                                p.dgx + row * p.ldg + j0, p.dgh + row * p.ldg + j0,
-                                dh + i * P + j0);
+        for_vectors<V, T>(j0, j1, [&](int64_t j, auto load, auto store) {
+          V sv[C::kCellSaved], gx[C::kGates], gh[C::kGates], dhp, dcv(T(0));
+          cell_values(row, j, load, sv);
+          C::backward(sv, load(p.hprev + row * P + j), V(T(0)), load(dh + i * P + j), dcv, gx,
+                      gh, dhp);
+          for (int k = 0; k < G; ++k) {
+            store(gx[k], p.dgx + row * p.ldg + k * H + j);
+            store(gh[k], p.dgh + row * p.ldg + k * H + j);
+          }
+          store(dhp, dh + i * P + j);  // the direct part; the GEMM adds W_hh's
+        });
       }
     }
     for (int64_t i = 0; i < n; ++i) {  // dgh: the gradient w.r.t. LN_hh's output
       const int64_t row = t * B + order[i];
       for (int64_t k = k0; k < k1; ++k)
-        block_sums<V>(p.dgh + row * p.ldg, p.gates + row * C::kSaved * H + N0 * H, p.ln_w, H, G,
-                   k, part + (i * nblk + k) * 2);
+        block_sums<V>(p.dgh + row * p.ldg, p.gates + row * C::kSaved * H, p.ln_w, H, G, k,
+                      part + (i * nblk + k) * 2);
     }
     team.sync();  // every block's sums for LN_hh are in
     for (int64_t i = 0; i < n; ++i) {
       const int64_t row = t * B + order[i];
-      const T* norm = p.gates + row * C::kSaved * H + N0 * H;
+      const T* norm = p.gates + row * C::kSaved * H;
       const T* dg = p.dgh + row * p.ldg;
       T mean0, mean1;
       row_means(part + i * nblk * 2, H, G, mean0, mean1);
       const T rstd = p.ln_rstd[row * 2];
       for (int k = 0; k < G; ++k)
-        for (int64_t j = k * H + j0; j < k * H + j1; ++j)
-          p.draw[row * p.ldg + j] = dgs[i * GH + j] =
-              norm_input_grad(p.ln_w[j] * dg[j], norm[j], rstd, mean0, mean1);
+        for_vectors<V, T>(k * H + j0, k * H + j1, [&](int64_t j, auto load, auto store) {
+          const V v = norm_input_grad(load(p.ln_w + j) * load(dg + j), load(norm + j), V(rstd),
+                                      V(mean0), V(mean1));
+          store(v, p.draw + row * p.ldg + j);
+          store(v, dgs + i * GH + j);
+        });
     }
   };
 
