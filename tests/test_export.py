@@ -113,6 +113,14 @@ CASES = {
         lambda: fastrnn.RNNCell(4, 6, nonlinearity="relu"),
         lambda T, B, g: (randn(g, B, 4),),
         ({0: DYN},)),
+    "layernorm_lstm_bidirectional": (
+        lambda: fastrnn.LayerNormLSTM(4, 6, num_layers=2, bidirectional=True),
+        lambda T, B, g: (randn(g, T, B, 4), None, fresh_lengths(T, B, g)),
+        ({0: DYN, 1: DYN}, None, {0: DYN})),
+    "layernorm_gru_batch_first": (
+        lambda: fastrnn.LayerNormGRU(4, 6, batch_first=True),
+        lambda T, B, g: (randn(g, B, T, 4),),
+        ({0: DYN, 1: DYN},)),
     "converted_model": (
         lambda: fastrnn.convert(Converted()),
         lambda T, B, g: (randn(g, B, T, 4),),
@@ -140,7 +148,8 @@ def test_torch_export_matches_eager(name, dynamic):
     inputs = make_inputs(5, 3, g)
     model = WithLengths(make_module()) if len(inputs) == 3 else make_module()
     ep = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes if dynamic else None)
-    assert any(n.target == torch.ops.fastrnn.forward.default for n in ep.graph.nodes)
+    fused = (torch.ops.fastrnn.forward.default, torch.ops.fastrnn.ln_forward.default)
+    assert any(n.target in fused for n in ep.graph.nodes)
     exported = ep.module()
     # Fresh data at the traced shape; with dynamic shapes, also at new lengths and batches.
     for T, B in [(5, 3)] + ([(8, 2), (2, 6)] if dynamic else []):
@@ -296,6 +305,7 @@ def test_onnx_proj_size_is_refused_by_name():
 @pytest.mark.parametrize("model, kwargs, name", [
     (lambda: fastrnn.GRU(3, 5, zoneout=0.2), {}, "zoneout"),
     (lambda: fastrnn.LSTM(3, 5), {"resets": torch.rand(4, 2) < 0.5}, "resets="),
+    (lambda: fastrnn.LayerNormGRU(3, 5), {}, "LayerNormLSTM/LayerNormGRU"),
 ])
 def test_onnx_extensions_are_refused_by_name(model, kwargs, name):
     model = model().eval()

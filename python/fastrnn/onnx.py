@@ -21,7 +21,9 @@ How a ``fastrnn::forward`` call maps to the ONNX node (opset 14+ semantics):
   onnxruntime's CPU LSTM/GRU/RNN kernels reject ``layout=1`` ("Batchwise recurrent
   operations (layout == 1) are not supported"), so a layout-1 node would not run there.
 - LSTM ``proj_size`` has no ONNX equivalent: export raises an error naming it. So have
-  ``resets=``, ``zoneout`` (which still acts in eval) and ``recurrent_dropout``.
+  ``resets=``, ``zoneout`` (which still acts in eval) and ``recurrent_dropout``, and
+  ``LayerNormLSTM`` / ``LayerNormGRU`` (``fastrnn::ln_forward``): standard ONNX's LSTM and
+  GRU have no normalisation inside the recurrence.
 """
 import importlib.abc
 import importlib.util
@@ -34,6 +36,8 @@ __all__ = ["register"]
 _GATE_ORDER = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "rnn_tanh": (0,), "rnn_relu": (0,)}
 _NODE = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
 _OP_NAME = "fastrnn::forward"
+_LN_OP_NAME = "fastrnn::ln_forward"
+_MM_OP_NAME = "fastrnn::mm"
 
 
 def _forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save,
@@ -115,6 +119,21 @@ def _forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, sa
     return (y, h_n, unused() if c_n is None else c_n, unused(), unused(), unused(), unused())
 
 
+def _mm(a, b):
+    """``fastrnn::mm`` (a @ b with fastrnn's CPU GEMM) is ONNX's MatMul."""
+    from onnxscript.onnx_opset import opset18 as op
+
+    return op.MatMul(a, b)
+
+
+def _ln_forward(cell, *args, **kwargs):
+    """``fastrnn::ln_forward`` has no ONNX translation: say so by name."""
+    raise NotImplementedError(
+        "fastrnn: ONNX export of LayerNormLSTM/LayerNormGRU is not supported: the standard "
+        "ONNX LSTM/GRU operators have no layer normalisation inside the recurrence; "
+        "torch.export and AOTInductor do support them (see README, Deploying)")
+
+
 def register():
     """Add fastrnn's ONNX translation to onnxscript's torch_lib registry (idempotent).
 
@@ -125,6 +144,9 @@ def register():
 
     if _OP_NAME not in registration.default_registry:
         registration.torch_op(_OP_NAME, trace_only=True)(_forward)
+    for name, fn in ((_LN_OP_NAME, _ln_forward), (_MM_OP_NAME, _mm)):
+        if name not in registration.default_registry:
+            registration.torch_op(name, trace_only=True)(fn)
 
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):
