@@ -41,7 +41,7 @@ struct ForwardParams {
   const Scalar* lnc_b = nullptr;    // [H] LnLstm only
   const Scalar* gx_w = nullptr;     // [G*H] LN_ih's affine: the input parts are
   const Scalar* gx_b = nullptr;     // [G*H]   gx * gx_w + gx_b (gx only normalised)
-  Scalar eps = 0;
+  double eps = 0;                   // LayerNorm's epsilon (a double for every Scalar)
   Scalar* ln_rstd = nullptr;        // [T, B, 2] saved: 1/sqrt(var + eps) of the recurrent
                                     // gate vector, and of c (LnLstm); 0 where padded
   bool layer_norm() const { return ln_w != nullptr; }

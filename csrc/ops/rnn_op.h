@@ -135,7 +135,7 @@ ForwardParams<E> forward_params(const LoopTensors& a, int d) {
   p.ln_w = cptr<T, E>(at_d(a.ln_w)); p.ln_b = cptr<T, E>(at_d(a.ln_b));
   p.lnc_w = cptr<T, E>(at_d(a.lnc_w)); p.lnc_b = cptr<T, E>(at_d(a.lnc_b));
   p.gx_w = cptr<T, E>(at_d(a.gx_w)); p.gx_b = cptr<T, E>(at_d(a.gx_b));
-  p.eps = static_cast<E>(a.eps); p.ln_rstd = mptr<T, E>(at_d(a.ln_rstd));
+  p.eps = a.eps; p.ln_rstd = mptr<T, E>(at_d(a.ln_rstd));
   return p;
 }
 

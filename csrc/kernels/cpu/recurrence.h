@@ -410,7 +410,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
     for (int64_t i = 0; i < n; ++i) {
       const int64_t bi = order[i], row = t * B + bi;
       T mean, rstd;
-      row_moments(part + i * nblk * 2, H, G, p.eps, mean, rstd);
+      row_moments(part + i * nblk * 2, H, G, static_cast<T>(p.eps), mean, rstd);
       if (saving && team.rank == 0) p.ln_rstd[row * 2] = rstd;
       const T* x = p.gx + row * p.ldgx;
       T* save = saving ? p.gates + row * C::kSaved * H : nullptr;
@@ -446,7 +446,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
       for (int64_t i = 0; i < n; ++i) {
         const int64_t bi = order[i], row = t * B + bi;
         T mean, rstd;
-        row_moments(part_c + i * nblk * 2, H, 1, p.eps, mean, rstd);
+        row_moments(part_c + i * nblk * 2, H, 1, static_cast<T>(p.eps), mean, rstd);
         if (saving && team.rank == 0) p.ln_rstd[row * 2 + 1] = rstd;
         T* save = saving ? p.gates + row * C::kSaved * H : nullptr;
         for_vectors<V, T>(j0, j1, [&](int64_t ub, auto load, auto store) {
