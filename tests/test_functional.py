@@ -458,7 +458,7 @@ def bad(cell="lstm", **over):
     (dict(w_ih=torch.randn(24, 4)), "w_ih has dtype Float"),
     (dict(h0=torch.randn(3, 6, dtype=torch.float64, device="meta")), "h0 is on meta"),
     (dict(x=torch.randn(5, 3, 4, dtype=torch.float16), h0=torch.randn(3, 6, dtype=torch.float16)),
-     "unsupported dtype Half"),
+     "c0 has dtype Double but input x has dtype Half"),
     (dict(lengths=torch.tensor([1, 2])), r"lengths must have shape \[3\]"),
     (dict(lengths=torch.tensor([1, -2, 3])), "lengths must be non-negative"),
     (dict(lengths=torch.tensor([1, 6, 3])), "must not exceed the sequence length 5"),

@@ -104,6 +104,8 @@ PYBIND11_MODULE(_C, m) {
         "Instruction set of the CPU kernels in use: avx512, avx2 or portable");
   m.def("supported_cpu_kernels", &fastrnn::cpu::supported_kernels,
         "Instruction sets this build has and this CPU runs, best first");
+  m.def("cpu_features", &fastrnn::cpu::cpu_features,
+        "The CPU's features the kernels care about (CPUID flags)");
   m.def("set_cpu_kernels", &fastrnn::cpu::set_kernels, pybind11::arg("name"),
         "Use the named CPU kernels from now on; False if this CPU cannot run them");
 }

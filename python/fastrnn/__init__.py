@@ -11,5 +11,24 @@ _register_when_onnxscript_loads()
 __all__ = [
     "functional", "reference",
     "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU",
-    "convert", "to_torch",
+    "convert", "to_torch", "cpu_capabilities",
 ]
+
+
+def cpu_capabilities():
+    """What the CPU kernels run on this machine, as a dict:
+
+    - ``kernels``: the instruction set of the kernels in use ("avx512", "avx2" or
+      "portable"), chosen from the CPU's feature flags, never its vendor;
+    - ``supported_kernels``: those this build has and this CPU runs, best first;
+    - ``features``: the CPUID flags that matter ("fma", "avx2", "avx512f", "avx512_bf16",
+      "amx_bf16");
+    - ``bfloat16`` / ``float16``: how tensors of that dtype run. "float32": through the
+      float32 kernels, the inputs cast up exactly and y, h_n, c_n cast back, whatever bf16
+      hardware the CPU has (no kernel with bf16 operands is built yet); correct, not faster.
+      Under CPU autocast the layers run the same way.
+    """
+    from . import _C
+
+    return {"kernels": _C.cpu_kernels(), "supported_kernels": list(_C.supported_cpu_kernels()),
+            "features": list(_C.cpu_features()), "bfloat16": "float32", "float16": "float32"}

@@ -16,9 +16,48 @@ for c, and the output is h_t (z is 0 or 1 in training, p in eval; the modules dr
 ``rec_mask`` [B, P] (``layer``: [D, B, P]), recurrent dropout: the h that feeds ``w_hh``
 is h * rec_mask at every step (0 or 1/(1-p) in training); the output is not masked.
 """
+import functools
+
 import torch
 
 from . import ops
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _float32(obj):
+    """obj with every bfloat16/float16 tensor in it (through tuples and lists) as float32."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.dtype in _HALF else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_float32(o) for o in obj)
+    return obj
+
+
+_SCALAR_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+                 torch.bfloat16: "BFloat16"}
+
+
+def _half_on_cpu(x):
+    """A bfloat16/float16 input on the CPU outside autocast (under autocast the op's own
+    autocast kernel casts every argument to float32)."""
+    return x.dtype in _HALF and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+
+
+def _on_cpu_in_float32(fn, x, named, *args, **kwargs):
+    """fn(x, *args, **kwargs) for bfloat16/float16 input on the CPU, whose kernels compute
+    in float32: the floating-point arguments go in as float32 (exactly) and y, h_n, c_n
+    come back in x's dtype, so state, gate math and GEMM accumulation stay in float32.
+    Autograd carries the gradients back through the casts, to each tensor in its dtype.
+    named: (name, tensor) pairs that must have x's dtype, checked first, so that an error
+    names the dtypes the caller gave (the op's own check would see float32)."""
+    for name, t in named:
+        if t is not None and t.dtype != x.dtype:
+            raise RuntimeError(f"fastrnn: {name} has dtype {_SCALAR_NAMES.get(t.dtype, t.dtype)}"
+                               f" but input x has dtype {_SCALAR_NAMES[x.dtype]}")
+    outs = fn(_float32(x), *_float32(args), **{k: _float32(v) for k, v in kwargs.items()})
+    return tuple(None if o is None else o.to(x.dtype) for o in outs)
 
 
 def _save(*tensors):
@@ -55,6 +94,12 @@ def layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, resets=None,
     mask (see the module docstring).
     Returns (y [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None).
     """
+    if _half_on_cpu(x):
+        names = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+        named = [("h0", h0), ("c0", c0)] + [(n, w) for ws in weights for n, w in zip(names, ws)]
+        return _on_cpu_in_float32(
+            functools.partial(layer, cell), x, named, h0, c0, weights, lengths, reverse,
+            resets=resets, zoneout_h=zoneout_h, zoneout_c=zoneout_c, rec_mask=rec_mask)
     if len(weights) == 1:  # the common case, without the generic stacking
         w_ih, w_hh, b_ih, b_hh, w_hr = (None if t is None else t.unsqueeze(0) for t in weights[0])
     else:
@@ -118,11 +163,19 @@ def ln_layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, eps=1e-5,
     if x.device.type == "cuda":
         raise NotImplementedError("fastrnn: LayerNorm cells are not implemented on CUDA yet "
                                   "(CPU only)")
+    if _half_on_cpu(x):
+        names = ("w_ih", "w_hh", "b_ih", "b_hh", "ln_ih_w", "ln_ih_b", "ln_w", "ln_b", "lnc_w",
+                 "lnc_b")
+        named = [("h0", h0), ("c0", c0)] + [(n, w) for ws in weights for n, w in zip(names, ws)]
+        return _on_cpu_in_float32(
+            functools.partial(ln_layer, cell), x, named, h0, c0, weights, lengths, reverse,
+            eps=eps, resets=resets, zoneout_h=zoneout_h, zoneout_c=zoneout_c, rec_mask=rec_mask)
     w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_w, ln_b, lnc_w, lnc_b = (
         _stack(list(ws)) for ws in zip(*weights))
     T, B, D, GH = x.shape[0], x.shape[1], w_hh.shape[0], w_hh.shape[1]
     # The input parts of every step and direction: one GEMM, then LN_ih (per direction).
-    gx = _project(x.reshape(T * B, x.shape[2]), w_ih.reshape(D * GH, w_ih.shape[2])).view(T * B, D, GH)
+    gx = _project(x.reshape(T * B, x.shape[2]), w_ih.reshape(D * GH, w_ih.shape[2]))
+    gx = gx.view(T * B, D, GH)
     # LN_ih's affine (and the input bias) is applied inside the op, as it reads gx.
     gx = torch.nn.functional.layer_norm(gx, (GH,), eps=eps)
     gx_b = ln_ih_b if b_ih is None else ln_ih_b + b_ih

@@ -96,8 +96,8 @@ def _ln_forward_fake(cell, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, gx_
                      lengths, reverse, save, eps, resets=None, zoneout_h=None, zoneout_c=None,
                      rec_mask=None):
     _check_like_x(gx, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, ln_w=ln_w, ln_b=ln_b, lnc_w=lnc_w,
-                  lnc_b=lnc_b, gx_w=gx_w, gx_b=gx_b, lengths=lengths, resets=resets, zoneout_h=zoneout_h,
-                  zoneout_c=zoneout_c, rec_mask=rec_mask)
+                  lnc_b=lnc_b, gx_w=gx_w, gx_b=gx_b, lengths=lengths, resets=resets,
+                  zoneout_h=zoneout_h, zoneout_c=zoneout_c, rec_mask=rec_mask)
     T, B, _ = gx.shape
     D, _, H = w_hh.shape
     lstm = cell == "lstm"

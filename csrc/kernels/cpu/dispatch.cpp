@@ -1,5 +1,8 @@
 // Picks the CPU kernels from the CPU's feature flags (CPUID), never from its vendor.
 #include <atomic>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include "kernels.h"
 
@@ -62,6 +65,25 @@ std::vector<std::string> supported_kernels() {
   for (const Candidate& c : kCandidates)
     if (c.supported()) names.push_back(c.table().name);
   return names;
+}
+
+std::vector<std::string> cpu_features() {
+  std::vector<std::string> out;
+#if defined(__x86_64__) || defined(__i386__)
+  const std::pair<const char*, bool> flags[] = {
+      {"fma", __builtin_cpu_supports("fma")},
+      {"avx2", __builtin_cpu_supports("avx2")},
+      {"avx512f", __builtin_cpu_supports("avx512f")},
+  };
+  for (const auto& [name, on] : flags)
+    if (on) out.push_back(name);
+  // CPUID leaf 7: sub-leaf 1 EAX bit 5 is AVX512_BF16, sub-leaf 0 EDX bit 22 AMX-BF16.
+  unsigned a, b, c, d;
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1) && __builtin_cpu_supports("avx512f"))
+    out.push_back("avx512_bf16");
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1)) out.push_back("amx_bf16");
+#endif
+  return out;
 }
 
 bool set_kernels(const std::string& name) {

@@ -75,6 +75,10 @@ struct Kernels {
 const Kernels& kernels();
 // Names of the tables this build has and this CPU can run, best first.
 std::vector<std::string> supported_kernels();
+// The CPU's features that matter to the kernels, from CPUID: "fma", "avx2", "avx512f",
+// "avx512_bf16", "amx_bf16" (hardware flags; whether the OS lets a process use AMX is
+// another question).
+std::vector<std::string> cpu_features();
 // Use the named table from now on (testing and benchmarking); false if unsupported.
 bool set_kernels(const std::string& name);
 

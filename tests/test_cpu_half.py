@@ -1,0 +1,90 @@
+"""bfloat16 and float16 models on the CPU (module.to(dtype), no autocast): they run on the
+float32 kernels, so a layer gives exactly the float32 layer's result rounded to its dtype,
+forward and backward (each layer's output is rounded, as it is a tensor of that dtype),
+and a model's error against float64 is within 2x torch.nn's own."""
+import pytest
+import torch
+
+import fastrnn
+
+HALF = [torch.bfloat16, torch.float16]
+
+MODULES = {
+    "lstm": lambda: fastrnn.LSTM(5, 12, bidirectional=True),
+    "lstm_proj": lambda: fastrnn.LSTM(5, 12, proj_size=4),
+    "gru": lambda: fastrnn.GRU(5, 12),
+    "rnn_relu": lambda: fastrnn.RNN(5, 12, nonlinearity="relu"),
+    "ln_lstm": lambda: fastrnn.LayerNormLSTM(5, 12, bidirectional=True),
+    "ln_gru": lambda: fastrnn.LayerNormGRU(5, 12),
+}
+
+
+def outputs_and_grads(model, x, lengths, dtype):
+    """Outputs, input and parameter gradients, for cotangents representable in dtype (the
+    gradient reaching a dtype output is of that dtype)."""
+    out, state = model(x, lengths=lengths)
+    states = state if isinstance(state, tuple) else (state,)
+    g = torch.Generator().manual_seed(3)
+    loss = sum((t.float() * torch.randn(t.shape, generator=g).to(dtype).float()).sum()
+               for t in (out, *states))
+    loss.backward()
+    return [out, *states, x.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("name", list(MODULES))
+def test_half_layer_is_the_float32_layer_rounded(name, dtype):
+    torch.manual_seed(0)
+    half = MODULES[name]().to(dtype)
+    full = MODULES[name]()
+    full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    x = torch.randn(6, 3, 5).to(dtype)
+    lengths = torch.tensor([6, 2, 4])
+    got = outputs_and_grads(half, x.clone().requires_grad_(), lengths, dtype)
+    want = outputs_and_grads(full, x.float().requires_grad_(), lengths, dtype)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b.to(dtype), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_half_error_within_twice_torch(kind, dtype):
+    """Error against float64 of the outputs, final states and every gradient: at most 2x
+    that of torch.nn's own model in the same dtype (norm-wise)."""
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(16, 32, num_layers=2).double()
+    x = torch.randn(20, 4, 16, dtype=torch.float64)
+
+    def run(model, dtype):
+        m = getattr(torch.nn if model == "torch" else fastrnn, kind)(16, 32, num_layers=2)
+        m.load_state_dict(ref.state_dict())
+        m = m.to(dtype)
+        xi = x.to(dtype).detach().requires_grad_()
+        out, state = m(xi)
+        states = state if isinstance(state, tuple) else (state,)
+        g = torch.Generator().manual_seed(3)
+        loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64)).sum()
+                   for t in (out, *states))
+        loss.backward()
+        return [t.double() for t in [out, *states, xi.grad] + [p.grad for p in m.parameters()]]
+
+    exact = run("torch", torch.float64)
+    ours, theirs = run("fastrnn", dtype), run("torch", dtype)
+    for e, a, b in zip(exact, ours, theirs):
+        err, torch_err = (a - e).norm() / e.norm(), (b - e).norm() / e.norm()
+        assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+
+
+def test_cell_in_bfloat16():
+    torch.manual_seed(0)
+    cell = fastrnn.GRUCell(5, 7).to(torch.bfloat16)
+    h = cell(torch.randn(3, 5, dtype=torch.bfloat16))
+    assert h.dtype == torch.bfloat16 and h.shape == (3, 7)
+
+
+def test_cpu_capabilities():
+    caps = fastrnn.cpu_capabilities()
+    assert caps["kernels"] in caps["supported_kernels"]
+    assert set(caps["features"]) <= {"fma", "avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+    assert caps["bfloat16"] == caps["float16"] == "float32"
