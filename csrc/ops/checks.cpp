@@ -135,7 +135,8 @@ Shapes check_ln(const std::string& cell, const at::Tensor& gx, const at::Tensor&
   TORCH_CHECK(s.kind == CellKind::LSTM || s.kind == CellKind::GRU,
               "fastrnn: LayerNorm cells are 'lstm' and 'gru', got '", cell, "'");
   TORCH_CHECK_NOT_IMPLEMENTED(!gx.is_cuda(),
-                              "fastrnn: LayerNorm cells are not implemented on CUDA yet (CPU only)");
+                              "fastrnn: LayerNorm cells are not implemented on CUDA yet "
+                              "(CPU only)");
   TORCH_CHECK(w_hh.dim() == 3 && (w_hh.size(0) == 1 || w_hh.size(0) == 2) &&
                   w_hh.size(1) > 0 && w_hh.size(1) == s.G * w_hh.size(2),
               "fastrnn: w_hh must be 3-D [directions (1 or 2), ", s.G,
@@ -149,7 +150,8 @@ Shapes check_ln(const std::string& cell, const at::Tensor& gx, const at::Tensor&
               s.D * s.G * s.H, "] (the input parts of every direction), got ", gx.sizes());
   check_gate_vector(s, gx, ln_w, "ln_w");
   const bool lstm = s.kind == CellKind::LSTM;
-  for (auto [v, name] : {std::make_pair(opt(lnc_w), "lnc_w"), std::make_pair(opt(lnc_b), "lnc_b")}) {
+  for (auto [v, name] :
+       {std::make_pair(opt(lnc_w), "lnc_w"), std::make_pair(opt(lnc_b), "lnc_b")}) {
     TORCH_CHECK(!v != lstm, "fastrnn: ", name,
                 lstm ? " is needed by cell 'lstm'" : " is only used by cell 'lstm'");
     if (!v) continue;

@@ -296,7 +296,8 @@ LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Te
                                          : hprev.contiguous();
   // The saved norms of a direction: [T*B, G*H] (LN_hh) and [T*B, H] (LN_c) views, row
   // stride S*H; zeros with no step.
-  const at::Tensor saved = TB > 0 ? a.gates.view({s.D, TB, s.S * s.H}) : at::zeros({s.D, 1, s.S * s.H}, o);
+  const at::Tensor saved =
+      TB > 0 ? a.gates.view({s.D, TB, s.S * s.H}) : at::zeros({s.D, 1, s.S * s.H}, o);
   const at::Tensor gx2 = gx.contiguous().view({TB, DGH});
   const at::Tensor dgx2 = a.dgx.view({TB, DGH});
   std::vector<at::Tensor> dw_hh, db_hh, dln_w, dlnc_w, dlnc_b;

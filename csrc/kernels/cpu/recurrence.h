@@ -384,7 +384,8 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
         continue;
       }
       int64_t i0 = 0;
-      for (; i0 + MR <= n; i0 += MR) tile(std::integral_constant<int, MR>{}, One{}, i0, panel, u0, nu);
+      for (; i0 + MR <= n; i0 += MR)
+        tile(std::integral_constant<int, MR>{}, One{}, i0, panel, u0, nu);
       with_rows<MR - 1>(n - i0, [&](auto rows) { tile(rows, One{}, i0, panel, u0, nu); });
     }
   };
@@ -405,7 +406,8 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
                                                                    nu, raw);
     });
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t k = k0; k < k1; ++k) block_moments<V>(raw + i * GH, H, G, k, part + (i * nblk + k) * 2);
+      for (int64_t k = k0; k < k1; ++k)
+        block_moments<V>(raw + i * GH, H, G, k, part + (i * nblk + k) * 2);
     team.sync();  // every block's moments are in
     for (int64_t i = 0; i < n; ++i) {
       const int64_t bi = order[i], row = t * B + bi;
