@@ -261,11 +261,13 @@ class CheckError(AssertionError):
 
 
 def make_case(cell, mode, B, T, I, H, num_layers=1, bidirectional=False, proj_size=0,
-              dtype=torch.float32, device="cpu", seed=0):
+              dtype=torch.float32, device="cpu", seed=0, autocast=None):
     """Build both modules and their inputs; return (run_torch, run_fast, valid_steps).
 
     Each run_* does one timed unit of work and returns {name: tensor} with the
-    outputs (plus the gradients in training modes) for the agreement check.
+    outputs (plus the gradients in training modes) for the agreement check. With
+    ``autocast`` (a dtype), both forwards run under torch.autocast to it, as a user's
+    mixed-precision training step does; the backward runs outside, as usual.
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -302,6 +304,12 @@ def make_case(cell, mode, B, T, I, H, num_layers=1, bidirectional=False, proj_si
         y, h = out
         return dict(zip(("output", "h_n", "c_n"), (y, *h) if isinstance(h, tuple) else (y, h)))
 
+    def mixed(forward):
+        if autocast is None:
+            return forward
+        return torch.autocast(device.type, dtype=autocast)(forward)
+
+    @mixed
     def forward_torch():
         if lengths is None:
             return flat(ref(x))
@@ -311,6 +319,7 @@ def make_case(cell, mode, B, T, I, H, num_layers=1, bidirectional=False, proj_si
         y, _ = pad_packed_sequence(out, total_length=T)
         return flat((y, h))
 
+    @mixed
     def forward_fast():
         return flat(fast(x) if lengths is None else fast(x, lengths=lengths_dev))
 
@@ -324,7 +333,8 @@ def make_case(cell, mode, B, T, I, H, num_layers=1, bidirectional=False, proj_si
             d_inputs = torch.autograd.grad(gx.pow(2).sum(), [x] + params)
             return {**outs, "input gradient": gx,
                     **{f"grad {name}": g for name, g in zip(["input"] + names, d_inputs)}}
-        d_inputs = torch.autograd.grad(list(outs.values()), [x] + params, grads)
+        d_inputs = torch.autograd.grad(list(outs.values()), [x] + params,
+                                       [g.to(o.dtype) for g, o in zip(grads, outs.values())])
         return {**outs, **{f"grad {name}": g for name, g in zip(["input"] + names, d_inputs)}}
 
     return (lambda: run(forward_torch, params_ref)), (lambda: run(forward_fast, params_fast)), steps
@@ -338,7 +348,10 @@ def check_agree(run_torch, run_fast, dtype, tol=None):
         a = fast[name]
         scale = b.detach().abs().max().item() if b.numel() else 0.0
         try:
-            torch.testing.assert_close(a.detach(), b.detach(), rtol=tol, atol=tol * max(scale, 1.0))
+            # In float64: under autocast torch.nn returns float32 or the autocast dtype,
+            # depending on the module.
+            torch.testing.assert_close(a.detach().double(), b.detach().double(), rtol=tol,
+                                       atol=tol * max(scale, 1.0))
         except AssertionError as e:
             detail = "; ".join(line.strip() for line in str(e).splitlines()[:4] if line.strip())
             raise CheckError(f"fastrnn disagrees with torch.nn on {name} "
@@ -352,9 +365,11 @@ def run_case(case, args, dtype, device, peak):
     row = dict(cell=cell, mode=mode, B=B, T=T, I=I, H=H, layers=args.num_layers,
                bidir=args.bidirectional, proj_size=proj_size)
     try:
+        autocast = DTYPES[args.autocast] if args.autocast else None
         run_torch, run_fast, steps = make_case(cell, mode, B, T, I, H, args.num_layers, args.bidirectional,
-                                               proj_size, dtype, device, seed=args.seed)
-        check_agree(run_torch, run_fast, dtype, args.tol)
+                                               proj_size, dtype, device, seed=args.seed,
+                                               autocast=autocast)
+        check_agree(run_torch, run_fast, autocast or dtype, args.tol)
     except Exception as e:  # a mismatch, or e.g. a dtype fastrnn does not support: skip, but say why
         row["error"] = str(e) if isinstance(e, CheckError) else f"{type(e).__name__}: {e}"
         return row
@@ -488,6 +503,9 @@ def main(argv=None):
     p.add_argument("--bidirectional", action="store_true")
     p.add_argument("--proj-size", type=int, default=0, help="LSTM proj_size (other cells ignore it)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--autocast", choices=("bfloat16", "float16"),
+                   help="run both forwards under torch.autocast to this dtype (mixed precision; "
+                        "the models stay in --dtype)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--cpu-kernels", help="fastrnn's CPU instruction set: avx512, avx2 or portable "
@@ -525,7 +543,7 @@ def main(argv=None):
         cpu=cpu_model(), threads=torch.get_num_threads(), device=str(device),
         cpu_kernels=fastrnn.ops._C.cpu_kernels(),
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        dtype=args.dtype, torch=torch.__version__, python=platform.python_version(),
+        dtype=args.dtype, autocast=args.autocast, torch=torch.__version__, python=platform.python_version(),
         fastrnn=fastrnn_version(), fastrnn_path=os.path.dirname(fastrnn.__file__),
         gemm_mm_gflops=gemm["mm"], gemm_onednn_gflops=gemm["onednn"], gemm_onednn_note=gemm["onednn_note"],
         gemm_peak_gflops=peak, gemm_peak_source=gemm["source"], gemm_peak_n=args.peak_n,
@@ -534,7 +552,8 @@ def main(argv=None):
         repeats=args.repeats, warmup=args.warmup, cpu_count=os.cpu_count(), loadavg_start=load_average(),
     )
     onednn_text = f"{gemm['onednn']:.1f}" if gemm["onednn"] is not None else gemm["onednn_note"]
-    print(f"# {machine_name(info)} | {info['threads']} threads | {args.dtype} on {device} | "
+    precision = args.dtype + (f" under autocast to {args.autocast}" if args.autocast else "")
+    print(f"# {machine_name(info)} | {info['threads']} threads | {precision} on {device} | "
           f"torch {info['torch']} | fastrnn {info['fastrnn']} ({info['fastrnn_path']}), "
           f"CPU kernels {info['cpu_kernels']}")
     print(f"# GEMM {args.peak_n}^3 GFLOP/s: torch.mm {gemm['mm']:.1f}, oneDNN matmul {onednn_text} | "
