@@ -47,11 +47,16 @@ def test_half_layer_is_the_float32_layer_rounded(name, dtype):
         torch.testing.assert_close(a, b.to(dtype), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["model", "autocast"])
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_half_error_within_twice_torch(kind, dtype):
+def test_half_error_within_twice_torch(kind, dtype, autocast):
     """Error against float64 of the outputs, final states and every gradient: at most 2x
-    that of torch.nn's own model in the same dtype (norm-wise)."""
+    that of torch.nn's own in the same dtype (norm-wise), for a model in that dtype and
+    for a float32 model under CPU autocast to it (fastrnn's large GEMMs then take bf16
+    operands where the CPU has bf16 dot products)."""
+    if autocast and dtype == torch.float16 and kind == "LSTM":
+        pytest.skip("torch.nn.LSTM has no CPU float16 autocast (oneDNN lacks the primitive)")
     torch.manual_seed(0)
     ref = getattr(torch.nn, kind)(16, 32, num_layers=2).double()
     x = torch.randn(20, 4, 16, dtype=torch.float64)
@@ -59,9 +64,11 @@ def test_half_error_within_twice_torch(kind, dtype):
     def run(model, dtype):
         m = getattr(torch.nn if model == "torch" else fastrnn, kind)(16, 32, num_layers=2)
         m.load_state_dict(ref.state_dict())
-        m = m.to(dtype)
-        xi = x.to(dtype).detach().requires_grad_()
-        out, state = m(xi)
+        mixed = autocast and dtype != torch.float64
+        m = m.to(torch.float32 if mixed else dtype)
+        xi = x.to(torch.float32 if mixed else dtype).detach().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=mixed):
+            out, state = m(xi)
         states = state if isinstance(state, tuple) else (state,)
         g = torch.Generator().manual_seed(3)
         loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64)).sum()
@@ -88,3 +95,18 @@ def test_cpu_capabilities():
     assert caps["kernels"] in caps["supported_kernels"]
     assert set(caps["features"]) <= {"fma", "avx2", "avx512f", "avx512_bf16", "amx_bf16"}
     assert caps["bfloat16"] == caps["float16"] == "float32"
+    bf16_dot = {"avx512_bf16", "amx_bf16"} & set(caps["features"])
+    assert caps["autocast_bfloat16"] == ("bfloat16 GEMMs" if bf16_dot else "float32")
+
+
+def test_autocast_bf16_gemms_follow_the_cpu_features():
+    """Under CPU bf16 autocast the large GEMMs take bfloat16 operands exactly when the CPU
+    has bf16 dot products (AVX512_BF16 or AMX-BF16); otherwise the float32 path runs."""
+    torch.manual_seed(0)
+    model = fastrnn.LSTM(16, 32)
+    x = torch.randn(20, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)[0]
+    full = model(x)[0].to(torch.bfloat16)
+    bf16_dot = {"avx512_bf16", "amx_bf16"} & set(fastrnn.cpu_capabilities()["features"])
+    assert torch.equal(y, full) != bool(bf16_dot)

@@ -5,7 +5,9 @@
 // what backward needs (empty when save=False). resets: bool [T, B] episode starts, the
 // rule in kernels/params.h (reset_before); zoneout_h [D, T, B, P], zoneout_c [D, T, B, H]:
 // zoneout's weights of the previous state; rec_mask [D, B, P]: recurrent dropout's mask on
-// the h feeding W_hh (params.h). backward takes the same tensors. Cells: 'lstm', 'gru', 'rnn_tanh', 'rnn_relu'.
+// the h feeding W_hh (params.h). backward takes the same tensors. bf16_gemms: the large
+// GEMMs (input projection, dx, weight gradients) take bfloat16 operands (CPU autocast on
+// a CPU with bf16 dot products); the recurrence stays in the tensors' dtype. Cells: 'lstm', 'gru', 'rnn_tanh', 'rnn_relu'.
 // Outputs a cell does not have (c_n for GRU/RNN, m without a projection) are empty.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -33,14 +35,15 @@ TORCH_LIBRARY(fastrnn, m) {
       "forward(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool save, "
       "Tensor? resets=None, Tensor? zoneout_h=None, Tensor? zoneout_c=None, "
-      "Tensor? rec_mask=None) "
+      "Tensor? rec_mask=None, bool bf16_gemms=False) "
       "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor hprev, Tensor cprev, "
       "Tensor m)");
   m.def(
       "backward(str cell, Tensor? dy, Tensor? dh_n, Tensor? dc_n, Tensor x, Tensor w_ih, "
       "Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor gates, Tensor hprev, Tensor cprev, "
       "Tensor m, bool reverse, bool input_grad, Tensor? resets=None, Tensor? zoneout_h=None, "
-      "Tensor? zoneout_c=None, Tensor? rec_mask=None) -> (Tensor dx, Tensor dh0, Tensor dc0, "
+      "Tensor? zoneout_c=None, Tensor? rec_mask=None, bool bf16_gemms=False) "
+      "-> (Tensor dx, Tensor dh0, Tensor dc0, "
       "Tensor dw_ih, Tensor dw_hh, Tensor db_ih, Tensor db_hh, Tensor dw_hr)");
   // LayerNorm LSTM/GRU (rnn_op.h: ln_forward_op): gx [T, B, D*G*H] holds the normalised
   // input projections, gx * gx_w + gx_b the input parts; the last output is ln_rstd

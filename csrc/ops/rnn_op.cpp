@@ -44,8 +44,16 @@ at::Tensor scratch(Scratch slot, at::IntArrayRef shape, const at::TensorOptions&
 // a [M, K] @ b [K, N] (+ bias [N]) into out [M, N] (a new tensor when undefined): on the
 // CPU fastrnn's own GEMM (any strides, so transposed views cost no copy; the same bits for
 // any thread count and the same speed on any vendor's CPU), on CUDA ATen's (cuBLAS).
+// bf16: a float32 GEMM with bfloat16 operands (CPU autocast on a CPU with bf16 dot
+// products): ATen's bfloat16 matmul, oneDNN's AMX or AVX512_BF16 kernels, the product
+// rounded to bfloat16 as torch's own autocast matmuls are, the result in float32.
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {},
-                at::Tensor out = {}) {
+                at::Tensor out = {}, bool bf16 = false) {
+  if (bf16 && !a.is_cuda()) {
+    at::Tensor c = at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16)).to(a.scalar_type());
+    if (bias.defined()) c.add_(bias);
+    return out.defined() ? out.copy_(c) : c;
+  }
   if (a.is_cuda()) {
     if (!out.defined()) return bias.defined() ? at::addmm(bias, a, b) : at::mm(a, b);
     return bias.defined() ? at::addmm_out(out, bias, a, b) : at::mm_out(out, a, b);
@@ -87,7 +95,7 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
                       const c10::optional<at::Tensor>& resets,
                       const c10::optional<at::Tensor>& zoneout_h,
                       const c10::optional<at::Tensor>& zoneout_c,
-                      const c10::optional<at::Tensor>& rec_mask) {
+                      const c10::optional<at::Tensor>& rec_mask, bool bf16_gemms) {
   const Shapes s = check_forward(cell, x_, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   check_resets(resets, x_, s);
   check_zoneout(zoneout_h, zoneout_c, x_, s);
@@ -125,9 +133,9 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
   const at::Tensor bias = opt(b_ih) ? b_ih->reshape({-1}) : at::Tensor();
   a.gx = scratch(kGx, {s.T * s.B, w_ih2.size(0)}, x.options());
   if (rows.defined())
-    a.gx.index_copy_(0, rows, gemm(xv, w_ih2.t(), bias));
+    a.gx.index_copy_(0, rows, gemm(xv, w_ih2.t(), bias, {}, bf16_gemms));
   else
-    gemm(xv, w_ih2.t(), bias, a.gx);
+    gemm(xv, w_ih2.t(), bias, a.gx, bf16_gemms);
   a.w_hh = w_hh.contiguous();
   a.b_hh = contig(b_hh);
   a.w_hr = contig(w_hr);
@@ -349,7 +357,7 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                         const c10::optional<at::Tensor>& resets,
                         const c10::optional<at::Tensor>& zoneout_h,
                         const c10::optional<at::Tensor>& zoneout_c,
-                        const c10::optional<at::Tensor>& rec_mask) {
+                        const c10::optional<at::Tensor>& rec_mask, bool bf16_gemms) {
   const Shapes s = check_backward(cell, dy, dh_n, dc_n, x_, w_ih, w_hh, w_hr, lengths, gates,
                                   hprev, cprev, m);
   check_resets(resets, x_, s);
@@ -405,11 +413,11 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
   const at::Tensor xv = take(x.view({TB, s.I}), rows, 0);
   at::Tensor dx = empty0(x);
   if (input_grad) {
-    const at::Tensor dxv = gemm(dgx, w_ih.reshape({DGH, s.I}));
+    const at::Tensor dxv = gemm(dgx, w_ih.reshape({DGH, s.I}), {}, {}, bf16_gemms);
     dx = rows.defined() ? at::zeros({TB, s.I}, x.options()).index_copy_(0, rows, dxv) : dxv;
     dx = dx.view({s.T, s.B, s.I});
   }
-  at::Tensor dw_ih = gemm(dgx.t(), xv).view({s.D, GH, s.I});
+  at::Tensor dw_ih = gemm(dgx.t(), xv, {}, {}, bf16_gemms).view({s.D, GH, s.I});
   // W_hh saw h * rec_mask (recurrent dropout); hprev holds h itself.
   const at::Tensor* mask = opt(rec_mask);
   const at::Tensor hrec = mask && TB > 0 ? hprev.view({s.D, s.T, s.B, s.P}) * mask->unsqueeze(1)
@@ -420,9 +428,9 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
   std::vector<at::Tensor> dw_hh_d, db_hh_d, dw_hr_d;
   for (int64_t d = 0; d < s.D; ++d) {
     const at::Tensor g = dgh.select(1, d);  // [N, G*H], a strided view
-    dw_hh_d.push_back(gemm(g.t(), hp[d]));
+    dw_hh_d.push_back(gemm(g.t(), hp[d], {}, {}, bf16_gemms));
     if (s.kind == CellKind::GRU) db_hh_d.push_back(column_sum(g));
-    if (s.proj) dw_hr_d.push_back(gemm(dht[d].t(), mv[d]));
+    if (s.proj) dw_hr_d.push_back(gemm(dht[d].t(), mv[d], {}, {}, bf16_gemms));
   }
   at::Tensor dw_hh = at::stack(dw_hh_d);
   at::Tensor db_ih = column_sum(dgx).view({s.D, GH});

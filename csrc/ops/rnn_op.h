@@ -28,7 +28,7 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x, const at::Te
                       const c10::optional<at::Tensor>& resets,
                       const c10::optional<at::Tensor>& zoneout_h,
                       const c10::optional<at::Tensor>& zoneout_c,
-                      const c10::optional<at::Tensor>& rec_mask);
+                      const c10::optional<at::Tensor>& rec_mask, bool bf16_gemms);
 
 BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>& dy,
                         const c10::optional<at::Tensor>& dh_n, const c10::optional<at::Tensor>& dc_n,
@@ -39,7 +39,7 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                         bool reverse, bool input_grad, const c10::optional<at::Tensor>& resets,
                         const c10::optional<at::Tensor>& zoneout_h,
                         const c10::optional<at::Tensor>& zoneout_c,
-                        const c10::optional<at::Tensor>& rec_mask);
+                        const c10::optional<at::Tensor>& rec_mask, bool bf16_gemms);
 
 // LayerNorm LSTM/GRU (cells.h: LnLstm, LnGru), one layer, all directions. gx [T, B, D*G*H]:
 // the input projections, normalised (the directions side by side); the input parts are

@@ -41,7 +41,7 @@ _MM_OP_NAME = "fastrnn::mm"
 
 
 def _forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save,
-             resets=None, zoneout_h=None, zoneout_c=None, rec_mask=None):
+             resets=None, zoneout_h=None, zoneout_c=None, rec_mask=None, bf16_gemms=False):
     """ONNX translation of ``fastrnn::forward`` (traced by onnxscript, so plain Python
     runs here and only the ``op.*`` calls become nodes)."""
     from onnxscript.onnx_opset import opset18 as op

@@ -17,7 +17,7 @@ side, h_n/c_n are [D, B, *], and the saved tensors are [D, T, B, *].
 """
 import torch
 
-from . import _C  # noqa: F401  (loads the native library, registering torch.ops.fastrnn)
+from . import _C  # loads the native library, registering torch.ops.fastrnn
 from . import reference
 
 _GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
@@ -45,7 +45,7 @@ def _check_like_x(x, **tensors):
 
 @torch.library.register_fake("fastrnn::forward")
 def _forward_fake(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save,
-                  resets=None, zoneout_h=None, zoneout_c=None, rec_mask=None):
+                  resets=None, zoneout_h=None, zoneout_c=None, rec_mask=None, bf16_gemms=False):
     _check_like_x(x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr,
                   lengths=lengths, resets=resets, zoneout_h=zoneout_h, zoneout_c=zoneout_c,
                   rec_mask=rec_mask)
@@ -71,7 +71,7 @@ def _forward_fake(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, revers
 @torch.library.register_fake("fastrnn::backward")
 def _backward_fake(cell, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, lengths, gates, hprev, cprev, m,
                    reverse, input_grad, resets=None, zoneout_h=None, zoneout_c=None,
-                   rec_mask=None):
+                   rec_mask=None, bf16_gemms=False):
     T, B, _ = x.shape
     D, GH, P = w_hh.shape
     H = GH // _GATES[cell]
@@ -148,6 +148,7 @@ torch.library.register_autograd("fastrnn::mm", _mm_backward, setup_context=_mm_s
 def _setup_context(ctx, inputs, output):
     cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, *rest = inputs
     extra = (list(rest) + [None] * 4)[:4]  # resets, zoneout_h, zoneout_c, rec_mask
+    ctx.bf16_gemms = bool(rest[4]) if len(rest) > 4 else False
     _, _, _, gates, hprev, cprev, m = output
     # The inputs are kept (references, no copies) for the second-order path below.
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
@@ -167,12 +168,12 @@ def _backward(ctx, dy, dh_n, dc_n, *_saved_grads):
     need = ctx.needs_input_grad  # (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ...)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = backward(
         ctx.cell, dy, dh_n, dc_n, x, w_ih, w_hh, w_hr, lengths, gates, hprev, cprev, m,
-        ctx.reverse, need[1], *extra)
+        ctx.reverse, need[1], *extra, ctx.bf16_gemms)
     lstm = ctx.cell == "lstm"
     grads = (None, dx if need[1] else None, dh0, dc0 if lstm else None, dw_ih, dw_hh,
              db_ih if need[6] else None, db_hh if need[7] else None,
-             dw_hr if w_hr is not None else None, None, None, None) + (None,) * len(extra)
-    return grads[:ctx.num_inputs]
+             dw_hr if w_hr is not None else None)
+    return (grads + (None,) * 8)[:ctx.num_inputs]
 
 
 def _differentiable_backward(ctx, dy, dh_n, dc_n):
@@ -198,7 +199,7 @@ def _differentiable_backward(ctx, dy, dh_n, dc_n):
     got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
                                    create_graph=True, allow_unused=True)
                if pairs and wanted else [None] * len(wanted))
-    grads = (None, *(next(got) if n else None for n in need)) + (None,) * 7
+    grads = (None, *(next(got) if n else None for n in need)) + (None,) * 8
     return grads[:ctx.num_inputs]
 
 
@@ -298,11 +299,15 @@ def run_ln_forward(*args):
 # Autocast. The CPU kernels compute in float32 or float64 only, so under CPU autocast
 # the op runs in float32 (float32/bfloat16/float16 inputs are cast up) and y, h_n and c_n
 # come back in the autocast dtype, as torch.nn.LSTM's do there; the recurrence itself is
-# never rounded to bfloat16. Under CUDA autocast the inputs are cast to the autocast dtype
+# never rounded to bfloat16. Under bfloat16 autocast on a CPU with bf16 dot products
+# (AVX512_BF16 or AMX-BF16, from its feature flags), fastrnn::forward's large GEMMs
+# (input projection, dx, weight gradients) take bfloat16 operands, as torch's autocast
+# matmuls do (bf16_gemms). Under CUDA autocast the inputs are cast to the autocast dtype
 # and the kernels run in it, as cuDNN's RNNs do. float64 tensors are left as they are on
 # both, as autocast does for torch's own ops. Saved-for-backward outputs stay in the
 # compute dtype; gradients reach the parameters in their own dtype through the casts.
 _autocast_lib = torch.library.Library("fastrnn", "IMPL")
+_BF16_DOT = bool({"avx512_bf16", "amx_bf16"} & set(_C.cpu_features()))
 
 
 def _register_autocast(device_type, name, op):
@@ -318,10 +323,14 @@ def _register_autocast(device_type, name, op):
                     and t.device.type == device_type and t.dtype != torch.float64)
 
         cast = eligible(args[1])  # args[1] is x (gx)
+        kwargs = {}
         if cast:
             args = tuple(a.to(run_dtype) if eligible(a) else a for a in args)
+            if name == "forward" and device_type == "cpu" and out_dtype == torch.bfloat16 \
+                    and _BF16_DOT:
+                args, kwargs = args[:16], {"bf16_gemms": True}  # the schema's 17th argument
         with torch._C._ExcludeDispatchKeyGuard(exclude):
-            out = op(*args)
+            out = op(*args, **kwargs)
         if not cast or run_dtype == out_dtype:
             return out
         return tuple(t.to(out_dtype) for t in out[:3]) + tuple(out[3:])
