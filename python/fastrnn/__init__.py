@@ -23,9 +23,11 @@ def cpu_capabilities():
     - ``supported_kernels``: those this build has and this CPU runs, best first;
     - ``features``: the CPUID flags that matter ("fma", "avx2", "avx512f", "avx512_bf16",
       "amx_bf16");
-    - ``bfloat16`` / ``float16``: how models in that dtype run. "float32": through the
-      float32 kernels, the inputs cast up exactly and y, h_n, c_n cast back; correct, not
-      faster;
+    - ``bfloat16`` / ``float16``: how models in that dtype run: through the float32
+      kernels, the inputs cast up exactly and y, h_n, c_n cast back ("float32"), a
+      bfloat16 model's large GEMMs with bfloat16 operands where the CPU has bf16 dot
+      products ("bfloat16 GEMMs"; LSTM, GRU and RNN layers, the LayerNorm layers' stay
+      float32);
     - ``autocast_bfloat16``: how a layer runs under ``torch.autocast("cpu", torch.bfloat16)``.
       "bfloat16 GEMMs": the large GEMMs (input projection, dx, weight gradients) take
       bfloat16 operands (oneDNN, through torch), on a CPU with AVX512_BF16 or AMX-BF16;
@@ -34,5 +36,6 @@ def cpu_capabilities():
     from . import _C, ops
 
     return {"kernels": _C.cpu_kernels(), "supported_kernels": list(_C.supported_cpu_kernels()),
-            "features": list(_C.cpu_features()), "bfloat16": "float32", "float16": "float32",
+            "features": list(_C.cpu_features()),
+            "bfloat16": "bfloat16 GEMMs" if ops._BF16_DOT else "float32", "float16": "float32",
             "autocast_bfloat16": "bfloat16 GEMMs" if ops._BF16_DOT else "float32"}

@@ -97,16 +97,27 @@ def layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, resets=None,
     if _half_on_cpu(x):
         names = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
         named = [("h0", h0), ("c0", c0)] + [(n, w) for ws in weights for n, w in zip(names, ws)]
+        # A bfloat16 model's large GEMMs take bfloat16 operands where the CPU has bf16 dot
+        # products, as under bf16 autocast.
         return _on_cpu_in_float32(
-            functools.partial(layer, cell), x, named, h0, c0, weights, lengths, reverse,
-            resets=resets, zoneout_h=zoneout_h, zoneout_c=zoneout_c, rec_mask=rec_mask)
+            functools.partial(_layer, cell, bf16_gemms=x.dtype == torch.bfloat16 and
+                              ops._BF16_DOT),
+            x, named, h0, c0, weights, lengths, reverse, resets, zoneout_h, zoneout_c,
+            rec_mask)
+    return _layer(cell, x, h0, c0, weights, lengths, reverse, resets, zoneout_h, zoneout_c,
+                  rec_mask)
+
+
+def _layer(cell, x, h0, c0, weights, lengths, reverse, resets, zoneout_h, zoneout_c, rec_mask,
+           bf16_gemms=False):
     if len(weights) == 1:  # the common case, without the generic stacking
         w_ih, w_hh, b_ih, b_hh, w_hr = (None if t is None else t.unsqueeze(0) for t in weights[0])
     else:
         w_ih, w_hh, b_ih, b_hh, w_hr = (_stack(list(ws)) for ws in zip(*weights))
-    y, h_n, c_n, *_ = ops.run_forward(
-        cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _lengths(lengths, x), reverse,
-        _save(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), resets, zoneout_h, zoneout_c, rec_mask)
+    args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _lengths(lengths, x), reverse,
+            _save(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), resets, zoneout_h, zoneout_c,
+            rec_mask) + ((True,) if bf16_gemms else ())
+    y, h_n, c_n, *_ = ops.run_forward(*args)
     return y, h_n, (c_n if cell == "lstm" else None)
 
 
