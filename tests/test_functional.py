@@ -283,17 +283,25 @@ def test_opcheck_forward(args):
     torch.library.opcheck(ops.forward, args)
 
 
-def opcheck_backward(cell, D, device="cpu"):
-    """opcheck of fastrnn::backward on what a real forward saved (also used on CUDA)."""
-    lens = torch.tensor([3, 1, 2], device=device)
-    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a
-                 for a in op_args(cell, D, lens))
+def opcheck_backward_of(args):
+    """opcheck of fastrnn::backward on what fastrnn::forward(*args) saved, with the same
+    weights, lengths, direction and extras (resets, zoneout, rec_mask: args[12:])."""
+    cell, reverse = args[0], args[10]
     with torch.no_grad():
         y, h_n, c_n, gates, hprev, cprev, m = ops.forward(*args)
     dc = torch.randn_like(c_n) if cell == "lstm" else None
-    bargs = (cell, torch.randn_like(y), torch.randn_like(h_n), dc, args[1].detach(),
-             args[4].detach(), args[5].detach(), None, lens, gates, hprev, cprev, m, False, True)
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    bargs = (cell, torch.randn_like(y), torch.randn_like(h_n), dc, detach(args[1]),
+             detach(args[4]), detach(args[5]), detach(args[8]), args[9], gates, hprev, cprev,
+             m, reverse, True, *args[12:])
     torch.library.opcheck(ops.backward, bargs)
+
+
+def opcheck_backward(cell, D, device="cpu"):
+    """opcheck of fastrnn::backward on what a real forward saved (also used on CUDA)."""
+    lens = torch.tensor([3, 1, 2], device=device)
+    opcheck_backward_of(tuple(a.to(device) if isinstance(a, torch.Tensor) else a
+                              for a in op_args(cell, D, lens)))
 
 
 @pytest.mark.parametrize("D", [1, 2])

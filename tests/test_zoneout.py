@@ -10,7 +10,7 @@ from fastrnn import ops
 from fastrnn import reference as R
 
 from test_functional import (CELLS, EXTENSION_SIZES as SIZES, call, check_parity, leaves,
-                             lengths_for, make_inputs, op_args)
+                             lengths_for, make_inputs, op_args, opcheck_backward_of)
 
 
 def weights(T, B, n, kind, seed, dtype=torch.float64):
@@ -205,13 +205,7 @@ def test_opcheck(cell, D, reverse, proj):
         pytest.skip("projection is LSTM only")
     args = zoneout_op_args(cell, D, reverse, proj)
     torch.library.opcheck(ops.forward, args)
-    with torch.no_grad():
-        y, h_n, c_n, gates, hprev, cprev, m = ops.forward(*args)
-    dc = torch.randn_like(c_n) if cell == "lstm" else None
-    bargs = (cell, torch.randn_like(y), torch.randn_like(h_n), dc, args[1].detach(),
-             args[4].detach(), args[5].detach(), None if args[8] is None else args[8].detach(),
-             args[9], gates, hprev, cprev, m, reverse, True, None, args[13], args[14])
-    torch.library.opcheck(ops.backward, bargs)
+    opcheck_backward_of(args)
 
 
 def test_compile_fullgraph():

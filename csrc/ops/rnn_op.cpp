@@ -80,6 +80,28 @@ std::pair<at::Tensor, at::Tensor> column_sums(const at::Tensor& t, const at::Ten
   return {out, out_u};
 }
 
+// The optional per-step arguments of every op (resets, zoneout weights, recurrent dropout
+// mask): their checks against x and the sizes s, and their contiguous copies for the loop.
+void check_extras(const Shapes& s, const at::Tensor& x, const c10::optional<at::Tensor>& resets,
+                  const c10::optional<at::Tensor>& zoneout_h,
+                  const c10::optional<at::Tensor>& zoneout_c,
+                  const c10::optional<at::Tensor>& rec_mask) {
+  check_resets(resets, x, s);
+  check_zoneout(zoneout_h, zoneout_c, x, s);
+  check_rec_mask(rec_mask, x, s);
+}
+void set_extras(LoopTensors& a, const c10::optional<at::Tensor>& lengths,
+                const c10::optional<at::Tensor>& resets,
+                const c10::optional<at::Tensor>& zoneout_h,
+                const c10::optional<at::Tensor>& zoneout_c,
+                const c10::optional<at::Tensor>& rec_mask) {
+  a.lengths = contig(lengths);
+  a.resets = contig(resets);
+  a.zoneout_h = contig(zoneout_h);
+  a.zoneout_c = contig(zoneout_c);
+  a.rec_mask = contig(rec_mask);
+}
+
 // The rows of `t` (dim 0 of a [T*B, n] view, or dim 1 of [D, T*B, n]) that are valid.
 at::Tensor take(const at::Tensor& t, const at::Tensor& rows, int64_t dim) {
   return rows.defined() ? t.index_select(dim, rows) : t;
@@ -97,9 +119,7 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
                       const c10::optional<at::Tensor>& zoneout_c,
                       const c10::optional<at::Tensor>& rec_mask, bool bf16_gemms) {
   const Shapes s = check_forward(cell, x_, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
-  check_resets(resets, x_, s);
-  check_zoneout(zoneout_h, zoneout_c, x_, s);
-  check_rec_mask(rec_mask, x_, s);
+  check_extras(s, x_, resets, zoneout_h, zoneout_c, rec_mask);
   // The dtype was settled before the op (ops.py's autocast kernel); the GEMMs inside keep it.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool lstm = s.kind == CellKind::LSTM;
@@ -141,11 +161,7 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
   a.w_hr = contig(w_hr);
   a.h0 = h0.contiguous();
   a.c0 = contig(c0);
-  a.lengths = contig(lengths);
-  a.resets = contig(resets);
-  a.zoneout_h = contig(zoneout_h);
-  a.zoneout_c = contig(zoneout_c);
-  a.rec_mask = contig(rec_mask);
+  set_extras(a, lengths, resets, zoneout_h, zoneout_c, rec_mask);
   if (x.is_cuda())
     cuda_forward_loop(a);
   else
@@ -171,9 +187,7 @@ ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx_, const a
   check_gate_vector(s, gx_, b_hh, "b_hh");
   check_state(s, gx_, h0, c0, lengths);
   TORCH_CHECK(eps > 0, "fastrnn: eps must be positive, got ", eps);
-  check_resets(resets, gx_, s);
-  check_zoneout(zoneout_h, zoneout_c, gx_, s);
-  check_rec_mask(rec_mask, gx_, s);
+  check_extras(s, gx_, resets, zoneout_h, zoneout_c, rec_mask);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool lstm = s.kind == CellKind::LSTM;
   if (lengths.has_value()) check_length_values(*lengths, s.T);
@@ -208,11 +222,7 @@ ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx_, const a
   a.lnc_b = contig(lnc_b);
   a.h0 = h0.contiguous();
   a.c0 = contig(c0);
-  a.lengths = contig(lengths);
-  a.resets = contig(resets);
-  a.zoneout_h = contig(zoneout_h);
-  a.zoneout_c = contig(zoneout_c);
-  a.rec_mask = contig(rec_mask);
+  set_extras(a, lengths, resets, zoneout_h, zoneout_c, rec_mask);
   cpu_forward_loop(a);
   return out;
 }
@@ -247,9 +257,7 @@ LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Te
                 gx.scalar_type(), " tensor on ", gx.device(), ", got ", ln_rstd.sizes());
   }
   if (const at::Tensor* len = opt(lengths)) check_length_values(*len, s.T);
-  check_resets(resets, gx, s);
-  check_zoneout(zoneout_h, zoneout_c, gx, s);
-  check_rec_mask(rec_mask, gx, s);
+  check_extras(s, gx, resets, zoneout_h, zoneout_c, rec_mask);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool lstm = s.kind == CellKind::LSTM;
   const int64_t GH = s.G * s.H, DGH = s.D * GH, TB = s.T * s.B;
@@ -270,8 +278,8 @@ LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Te
   a.dgh = lstm ? a.dgx : scratch(kDgh, {s.T, s.B, DGH}, o);
   a.draw = scratch(kDgx, {s.T, s.B, DGH}, o);
   a.dlnc = lstm ? at::empty({s.D, s.T, s.B, s.H}, o) : empty0(gx);
+  a.gx = gx.contiguous();
   if (TB > 0) {
-    a.gx = gx.contiguous();
     a.gx_w = gx_w.contiguous();
     a.gx_b = gx_b.contiguous();
     a.b_hh = contig(b_hh);
@@ -281,20 +289,12 @@ LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Te
     a.lnc_w = contig(lnc_w);
     a.lnc_b = contig(lnc_b);
     a.ln_rstd = ln_rstd.contiguous();
-    a.lengths = contig(lengths);
-    a.resets = contig(resets);
-    a.zoneout_h = contig(zoneout_h);
-    a.zoneout_c = contig(zoneout_c);
-    a.rec_mask = contig(rec_mask);
+    set_extras(a, lengths, resets, zoneout_h, zoneout_c, rec_mask);
     a.dy = contig(dy);
     a.gates = gates.contiguous();
     a.hprev = hprev.contiguous();
     a.cprev = cprev.contiguous();
     cpu_backward_loop(a);
-  } else {
-    a.dgx.zero_();
-    a.draw.zero_();
-    a.dgh.zero_();
   }
 
   // Parameter gradients as large GEMMs and column sums over all steps at once. W_hh saw
@@ -306,7 +306,7 @@ LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Te
   // stride S*H; zeros with no step.
   const at::Tensor saved =
       TB > 0 ? a.gates.view({s.D, TB, s.S * s.H}) : at::zeros({s.D, 1, s.S * s.H}, o);
-  const at::Tensor gx2 = gx.contiguous().view({TB, DGH});
+  const at::Tensor gx2 = a.gx.view({TB, DGH});
   const at::Tensor dgx2 = a.dgx.view({TB, DGH});
   std::vector<at::Tensor> dw_hh, db_hh, dln_w, dlnc_w, dlnc_b;
   for (int64_t d = 0; d < s.D; ++d) {
@@ -360,9 +360,7 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                         const c10::optional<at::Tensor>& rec_mask, bool bf16_gemms) {
   const Shapes s = check_backward(cell, dy, dh_n, dc_n, x_, w_ih, w_hh, w_hr, lengths, gates,
                                   hprev, cprev, m);
-  check_resets(resets, x_, s);
-  check_zoneout(zoneout_h, zoneout_c, x_, s);
-  check_rec_mask(rec_mask, x_, s);
+  check_extras(s, x_, resets, zoneout_h, zoneout_c, rec_mask);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool lstm = s.kind == CellKind::LSTM;
   const int64_t GH = s.G * s.H, DGH = s.D * GH, TB = s.T * s.B;
@@ -386,11 +384,7 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
   if (TB > 0) {
     a.w_hh = w_hh.contiguous();
     a.w_hr = contig(w_hr);
-    a.lengths = contig(lengths);
-    a.resets = contig(resets);
-    a.zoneout_h = contig(zoneout_h);
-    a.zoneout_c = contig(zoneout_c);
-    a.rec_mask = contig(rec_mask);
+    set_extras(a, lengths, resets, zoneout_h, zoneout_c, rec_mask);
     a.dy = contig(dy);
     a.gates = gates.contiguous();
     a.hprev = hprev.contiguous();
