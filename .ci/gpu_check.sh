@@ -5,7 +5,11 @@
 #   2. compile-checks every .cu under csrc/ (.ci/compile_cuda.sh: the kernels with nvcc alone,
 #      the op layer with torch's headers),
 #   3. runs the whole test suite (tests/test_cuda.py is the CUDA part),
-#   4. runs a short benchmark against torch.nn on the GPU.
+#   4. runs compute-sanitizer (memcheck, racecheck) over .ci/sanitize_cuda.py, a small
+#      forward + backward of every cell, when compute-sanitizer is on PATH,
+#   5. benchmarks against torch.nn (cuDNN): float32 (TF32 off on both sides) and bfloat16,
+#      B = 1, 16, 64, T = 100 and 1024, H = 256, 512, 768, and variable lengths against
+#      cuDNN on a PackedSequence (about 10-15 minutes on an H100).
 # Logs, the JUnit report, bench JSON and PNG go to $OUT when set, else to bench/results/gpu_check/.
 # Optional: FASTRNN_CUDA_ARCHS=90 (say) to build for fewer architectures than torch's list;
 # GPU_CHECK_TESTS="tests/test_cuda.py" to run part of the suite; GPU_CHECK_BENCH=0 to skip the
@@ -30,7 +34,7 @@ defines=(--config-settings=cmake.define.FASTRNN_CUDA=ON)
 if [[ -n "${FASTRNN_CUDA_ARCHS:-}" ]]; then
   defines+=("--config-settings=cmake.define.FASTRNN_CUDA_ARCHS=${FASTRNN_CUDA_ARCHS}")
 fi
-if ! pip install --no-build-isolation -v "${defines[@]}" -e . > "$OUT_DIR/build.log" 2>&1; then
+if ! python -m pip install --no-build-isolation -v "${defines[@]}" -e . > "$OUT_DIR/build.log" 2>&1; then
   tail -n 60 "$OUT_DIR/build.log"
   echo "gpu_check: FAILED: build (full log in $OUT_DIR/build.log)"
   exit 1
@@ -50,12 +54,32 @@ read -r -a test_targets <<< "${GPU_CHECK_TESTS:-tests/}"
 python -m pytest -q -rs "${test_targets[@]}" --junitxml="$OUT_DIR/pytest.xml" 2>&1 | tee "$OUT_DIR/pytest.log"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 
+if command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer --tool $tool"
+    compute-sanitizer --tool "$tool" --error-exitcode 9 python .ci/sanitize_cuda.py \
+      > "$OUT_DIR/sanitize_$tool.log" 2>&1
+    rc=$?
+    tail -n 2 "$OUT_DIR/sanitize_$tool.log"
+    [[ $rc -eq 0 ]] || { echo "gpu_check: compute-sanitizer $tool failed (rc $rc)"; status=1; }
+  done
+else
+  echo "== compute-sanitizer not found: skipped"
+fi
+
 if [[ "${GPU_CHECK_BENCH:-1}" != 0 ]]; then
-  echo "== benchmark"
-  python bench/bench_rnn.py --device cuda --cells lstm,gru,rnn --modes inference,training,varlen \
-    --shapes "64,256,512,512;16,100,256,256" \
-    --json "$OUT_DIR/bench_cuda.json" --png "$OUT_DIR/bench_cuda.png" 2>&1 | tee "$OUT_DIR/bench.log"
-  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+  shapes=""
+  for B in 1 16 64; do for T in 100 1024; do for H in 256 512 768; do
+    shapes+="${shapes:+;}$B,$T,$H,$H"
+  done; done; done
+  for dtype in float32 bfloat16; do
+    echo "== benchmark ($dtype)"
+    python bench/bench_rnn.py --device cuda --dtype "$dtype" --cells lstm,gru,rnn \
+      --modes inference,training,varlen --shapes "$shapes" --repeats 5 --warmup 2 \
+      --json "$OUT_DIR/bench_$dtype.json" --png "$OUT_DIR/bench_$dtype.png" 2>&1 \
+      | tee "$OUT_DIR/bench_$dtype.log"
+    [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+  done
 fi
 
 if [[ $status -eq 0 ]]; then

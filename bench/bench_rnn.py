@@ -507,6 +507,10 @@ def main(argv=None):
                    help="run both forwards under torch.autocast to this dtype (mixed precision; "
                         "the models stay in --dtype)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--tf32", choices=("off", "on"), default="off",
+                   help="CUDA float32: TF32 tensor cores for both sides (torch.backends.cuda.matmul"
+                        ".allow_tf32 for fastrnn's GEMMs, torch.backends.cudnn.allow_tf32 for cuDNN's)"
+                        "; off (default) is exact FP32 on both")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--cpu-kernels", help="fastrnn's CPU instruction set: avx512, avx2 or portable "
                    "(default: the best this CPU supports); measures another CPU's code path here")
@@ -530,6 +534,8 @@ def main(argv=None):
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     shapes = args.shapes or GRIDS[args.grid]
     cases = [(c, m, s) for s in shapes for c in args.cells for m in args.modes]
 
@@ -553,6 +559,8 @@ def main(argv=None):
     )
     onednn_text = f"{gemm['onednn']:.1f}" if gemm["onednn"] is not None else gemm["onednn_note"]
     precision = args.dtype + (f" under autocast to {args.autocast}" if args.autocast else "")
+    if device.type == "cuda" and args.dtype == "float32" and not args.autocast:
+        precision += f" (TF32 {args.tf32} on both sides)"
     print(f"# {machine_name(info)} | {info['threads']} threads | {precision} on {device} | "
           f"torch {info['torch']} | fastrnn {info['fastrnn']} ({info['fastrnn_path']}), "
           f"CPU kernels {info['cpu_kernels']}")

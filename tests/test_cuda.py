@@ -3,12 +3,10 @@ the GPU, low precision, streams and devices, opcheck. Skipped without a GPU.
 
 Tolerances: float64 against the CPU path at 1e-9 (same algorithm, only the GEMMs' summation
 order and the device's exp/tanh differ); float64 against cuDNN at PyTorch's own 5e-5 for
-cuDNN vs CPU; float32 against cuDNN (TF32 off) at 2e-5 on small shapes. float16 and bfloat16
-follow flash-attention's rule: the error against a float64 reference on the same (rounded)
-inputs is at most twice torch.nn's own error in that dtype, plus one unit of the dtype at
-the reference's scale. (float32 is left out of that rule: there both errors are a few units
-of GEMM summation noise, and their ratio is noise too.) ReLU gradients take that rule
-norm-wise (see test_low_precision_error).
+cuDNN vs CPU. float32, float16 and bfloat16 follow flash-attention's rule: the error against
+a float64 reference on the same (rounded) inputs is at most twice torch.nn's own error in
+that dtype, plus a few units of the dtype at the reference's scale. ReLU gradients take that
+rule norm-wise (see test_low_precision_error).
 
 TF32: fastrnn's float32 GEMMs are ATen's and follow torch.backends.cuda.matmul.allow_tf32,
 as torch.mm does; the fixture below turns it (and cuDNN's) off for every test here, and
@@ -169,10 +167,23 @@ def test_matches_torch_nn_cuda(cell, proj, reverse, lengths, dtype):
     mod = torch_module(cell, moved(inp, "cpu")).to(DEV)
     out, g = run(inp, cell, None if lens is None else lens.to(DEV), reverse)
     ref = torch_run(cell, mod, inp["x"], inp["h0"], inp["c0"], lens, reverse)
-    tol = dict(atol=5e-5, rtol=0) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-5)
-    assert_close_all(out, ref, **tol)
     ref_g = torch_grads(cell, mod, inp, ref, out_weights(out))
-    assert_close_all(ours_in_torch_order(cell, g), ref_g, **tol)
+    ours = out + ours_in_torch_order(cell, g)
+    theirs = list(ref) + ref_g
+    if dtype == torch.float64:
+        assert_close_all(ours, theirs, atol=5e-5, rtol=0)
+        return
+    # float32: both against float64 on the same inputs. cuDNN's float32 RNNs (TF32 off) were
+    # measured on an H100 at 10-50x fastrnn's error here (up to 1e-5 of the gradients'
+    # scale), so a direct comparison at float32 tolerances would test cuDNN's rounding.
+    exact_out, exact_g = run(moved(inp, "cpu", torch.float64), cell, lens, reverse)
+    exact = exact_out + ours_in_torch_order(cell, exact_g)
+    eps = torch.finfo(torch.float32).eps
+    for i, (a, b, e) in enumerate(zip(ours, theirs, exact)):
+        e_ours, e_torch = max_err(a, e), max_err(b, e)
+        floor = 4 * eps * e.abs().max().item() if e.numel() else 0.0
+        assert e_ours <= 2 * e_torch + floor, (
+            f"output {i}: fastrnn error {e_ours:.3g} > 2 x cuDNN's {e_torch:.3g} + {floor:.3g}")
 
 
 # ---- low precision: at most twice torch's own error -------------------------------------

@@ -135,6 +135,19 @@ def _check_resets(resets, steps, batch, batch_first, device):
     return resets.t() if batch_first else resets
 
 
+# Packing and unpacking run eagerly under torch.compile: their shapes depend on the
+# values of batch_sizes, and some torch versions (2.11) fail to trace torch's own
+# _pad_packed_sequence with fake tensors instead of breaking the graph there.
+@torch.compiler.disable
+def _pad_packed(data, batch_sizes):
+    return pad_packed_sequence(PackedSequence(data, batch_sizes))
+
+
+@torch.compiler.disable
+def _pack_padded(y, lengths):
+    return pack_padded_sequence(y, lengths).data
+
+
 class _RNNBase(RNNBase):
     """Shared forward for LSTM, GRU and RNN: one generic layer loop."""
 
@@ -364,12 +377,12 @@ class _RNNBase(RNNBase):
         state = self._check_runtime(data, hx, weights)
 
         # Pad once, run with in-kernel lengths, pack once: rows stay in sorted order.
-        x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+        x, lengths = _pad_packed(data, batch_sizes)
         if resets is not None:
             resets = self._packed_resets(resets, packed, x)
         y, final = self._run_layers(x, state, lengths.to(x.device), weights, resets)
-        out = PackedSequence(pack_padded_sequence(y, lengths).data, batch_sizes,
-                             sorted_indices, unsorted_indices)
+        out = PackedSequence(_pack_padded(y, lengths), batch_sizes, sorted_indices,
+                             unsorted_indices)
         hidden = final if self.mode == "LSTM" else final[0]
         return out, self.permute_hidden(hidden, unsorted_indices)
 
