@@ -507,6 +507,9 @@ def main(argv=None):
                    help="run both forwards under torch.autocast to this dtype (mixed precision; "
                         "the models stay in --dtype)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--cuda-persistent", action="store_true",
+                   help="CUDA: fastrnn's forward tries its persistent kernel first (W_hh on chip for "
+                        "the whole sequence; layers it does not fit run the per-step path)")
     p.add_argument("--tf32", choices=("off", "on"), default="off",
                    help="CUDA float32: TF32 tensor cores for both sides (torch.backends.cuda.matmul"
                         ".allow_tf32 for fastrnn's GEMMs, torch.backends.cudnn.allow_tf32 for cuDNN's)"
@@ -536,6 +539,10 @@ def main(argv=None):
         p.error("--device cuda but torch.cuda.is_available() is False")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+    if args.cuda_persistent:
+        if not getattr(fastrnn.ops._C, "cuda", False):
+            p.error("--cuda-persistent: fastrnn was built without its CUDA kernels")
+        fastrnn.ops._C.set_cuda_persistent_forward(True)
     shapes = args.shapes or GRIDS[args.grid]
     cases = [(c, m, s) for s in shapes for c in args.cells for m in args.modes]
 
@@ -561,6 +568,8 @@ def main(argv=None):
     precision = args.dtype + (f" under autocast to {args.autocast}" if args.autocast else "")
     if device.type == "cuda" and args.dtype == "float32" and not args.autocast:
         precision += f" (TF32 {args.tf32} on both sides)"
+    if args.cuda_persistent:
+        precision += ", fastrnn's persistent CUDA forward"
     print(f"# {machine_name(info)} | {info['threads']} threads | {precision} on {device} | "
           f"torch {info['torch']} | fastrnn {info['fastrnn']} ({info['fastrnn_path']}), "
           f"CPU kernels {info['cpu_kernels']}")

@@ -443,6 +443,113 @@ def test_second_device(cell, proj):
     assert_grads_close(g, ref_g, atol=1e-9, rtol=1e-7)
 
 
+# ---- the persistent forward kernel (csrc/kernels/cuda/persistent.cu) ----------------------
+
+@pytest.fixture
+def persistent():
+    """The persistent forward on; yields a function that says how many layers it ran since."""
+    ops._C.set_cuda_persistent_forward(True)
+    start = ops._C.cuda_persistent_forward_runs()
+    yield lambda: ops._C.cuda_persistent_forward_runs() - start
+    ops._C.set_cuda_persistent_forward(False)
+
+
+# (T, B, I, H): one unit; odd sizes; a batch over one warp pass (40 > 32 rows); B=1 with more
+# units than SMs per block slice (H=300); several staged row chunks and warp passes (B=70).
+PERSISTENT_SIZES = [(1, 1, 1, 1), (9, 3, 5, 7), (6, 40, 16, 64), (5, 1, 8, 300), (4, 70, 12, 130)]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("size", PERSISTENT_SIZES, ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("lengths", ["none", "mixed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_persistent_forward_error(persistent, cell, dtype, reverse, lengths, size):
+    """Outputs, and every gradient (the backward reads what the kernel saved), within twice
+    the per-step path's error against float64 on the same inputs, plus a few units of the
+    dtype; and the persistent kernel did run."""
+    T, B, I, H = size
+    base = make_inputs(cell, T, B, I, H)
+    low = moved(base, "cpu", dtype)
+    lens = lengths_for(lengths, T, B)
+    exact_out, exact_g = run(moved(low, "cpu", torch.float64), cell, lens, reverse)
+    dev_lens = None if lens is None else lens.to(DEV)
+    out, g = run(moved(low), cell, dev_lens, reverse)
+    assert persistent() == 1
+    ops._C.set_cuda_persistent_forward(False)
+    step_out, step_g = run(moved(low), cell, dev_lens, reverse)
+    assert persistent() == 1
+    eps = torch.finfo(dtype).eps
+    pairs = list(zip(out, step_out, exact_out)) + [(g[k], step_g[k], exact_g[k]) for k in g]
+    for i, (ours, step, ref) in enumerate(pairs):
+        assert ours.dtype == dtype
+        floor = 4 * eps * ref.abs().max().item() if ref.numel() else 0.0
+        if cell == "rnn_relu" and i >= len(out):
+            e_ours, e_step = norm_err(ours, ref), norm_err(step, ref)  # see test_low_precision_error
+            floor = 4 * eps ** 0.5 * ref.double().norm().item()
+        else:
+            e_ours, e_step = max_err(ours, ref), max_err(step, ref)
+        assert e_ours <= 2 * e_step + floor, (
+            f"result {i}: persistent error {e_ours:.3g} > 2 x per-step {e_step:.3g} + {floor:.3g}")
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("kind, proj", [("LSTM", 0), ("GRU", 0), ("RNN", 0), ("LSTM", 4)])
+def test_persistent_forward_modules(persistent, kind, proj):
+    """Two layers, both directions in one launch, batch_first, lengths: the same outputs and
+    parameter gradients as the per-step path. proj_size takes the per-step path."""
+    torch.manual_seed(0)
+    extra = {"proj_size": proj} if proj else {}
+    mod = getattr(fastrnn, kind)(6, 24, num_layers=2, bidirectional=True, batch_first=True,
+                                 **extra).to(DEV)
+    x = torch.randn(5, 9, 6, device=DEV)
+    lens = torch.tensor([9, 3, 7, 1, 5], device=DEV)
+
+    def result():
+        mod.zero_grad()
+        y, _ = mod(x, lengths=lens)
+        y.pow(2).sum().backward()
+        return [y.detach()] + [p.grad.clone() for p in mod.parameters()]
+
+    fast = result()
+    assert persistent() == (0 if proj else 2)  # one launch per layer, both directions in it
+    ops._C.set_cuda_persistent_forward(False)
+    for a, b in zip(fast, result()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+@needs_cuda_build
+def test_persistent_forward_falls_back_when_too_large(persistent):
+    """A W_hh slice that does not fit in shared memory runs the per-step path, correctly."""
+    H = 4096  # float32 LSTM: 256 MB of W_hh, about 2 MB per block on a 132-SM GPU
+    lstm = fastrnn.LSTM(8, H).to(DEV)
+    x = torch.randn(3, 2, 8, device=DEV)
+    exact = fastrnn.LSTM(8, H).double()
+    exact.load_state_dict(lstm.state_dict())
+    with torch.no_grad():
+        y, _ = lstm(x)
+        assert persistent() == 0
+        want, _ = exact(x.double().cpu())
+    torch.testing.assert_close(y.double().cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda_build
+def test_persistent_forward_long_sequence(persistent):
+    """T = 100,000 steps (cuDNN stops at 65,535): the same as the per-step path."""
+    torch.manual_seed(0)
+    gru = fastrnn.GRU(4, 16).to(DEV)
+    x = torch.randn(100_000, 2, 4, device=DEV)
+    with torch.no_grad():
+        y, h = gru(x)
+        assert persistent() == 1
+        ops._C.set_cuda_persistent_forward(False)
+        y_step, h_step = gru(x)
+    torch.testing.assert_close(y, y_step, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(h, h_step, atol=1e-5, rtol=1e-4)
+
+
 # ---- argument checks of a direct backward call -------------------------------------------
 
 def _backward_args(cell="lstm"):

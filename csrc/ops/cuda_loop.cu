@@ -143,9 +143,17 @@ void cuda_forward_loop(const LoopTensors& a) {
     at::Tensor ws_acc = at::empty({cuda::forward_workspace_acc(p[0], a.s.G, D)},
                                   a.y.options().dtype(acc_scalar_type(a.y.scalar_type())));
     at::Tensor ws = at::empty({cuda::forward_workspace(p[0], D)}, a.y.options());
-    C10_CUDA_CHECK(cuda::forward(a.s.kind, p, D, gemm,
-                                 static_cast<cuda::acc_t<E>*>(ws_acc.data_ptr()),
-                                 static_cast<E*>(ws.data_ptr()), stream));
+    auto* acc = static_cast<cuda::acc_t<E>*>(ws_acc.data_ptr());
+    auto* work = static_cast<E*>(ws.data_ptr());
+    cudaError_t err = cudaErrorNotSupported;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (cuda_persistent_forward()) {
+        err = cuda::forward_persistent(a.s.kind, p, D, acc, work, stream);
+        if (err == cudaSuccess) count_cuda_persistent_forward_run();
+      }
+    }
+    if (err == cudaErrorNotSupported) err = cuda::forward(a.s.kind, p, D, gemm, acc, work, stream);
+    C10_CUDA_CHECK(err);
   });
 }
 

@@ -2,7 +2,19 @@
 
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <atomic>
+
 namespace fastrnn {
+
+namespace {
+std::atomic<bool> g_cuda_persistent_forward{false};
+std::atomic<int64_t> g_cuda_persistent_forward_runs{0};
+}  // namespace
+
+bool cuda_persistent_forward() { return g_cuda_persistent_forward.load(); }
+void set_cuda_persistent_forward(bool on) { g_cuda_persistent_forward.store(on); }
+int64_t cuda_persistent_forward_runs() { return g_cuda_persistent_forward_runs.load(); }
+void count_cuda_persistent_forward_run() { ++g_cuda_persistent_forward_runs; }
 namespace {
 
 at::Tensor contig(const c10::optional<at::Tensor>& t) {

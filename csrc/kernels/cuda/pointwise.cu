@@ -1,5 +1,5 @@
 // Per-step pointwise kernels of the CUDA recurrence (see recurrence.cuh): gate math from
-// cells.h, lengths masking and state writes, one thread per (direction, batch row, hidden
+// cells.h (the forward's in units.cuh), lengths masking and state writes, one thread per (direction, batch row, hidden
 // unit); the directions of a layer share each launch.
 // Torch-free; explicitly instantiated below for every cell and dtype.
 #include <cuda_bf16.h>
@@ -10,31 +10,13 @@
 #include <cstdint>
 
 #include "recurrence.cuh"
+#include "units.cuh"
 
 namespace fastrnn {
 namespace cuda {
 namespace {
 
-// ---- loads and stores: storage type <-> accumulation type ------------------------------
-
-__device__ __forceinline__ float load(const __half& v) { return __half2float(v); }
-__device__ __forceinline__ float load(const __nv_bfloat16& v) { return __bfloat162float(v); }
-__device__ __forceinline__ float load(const float& v) { return v; }
-__device__ __forceinline__ double load(const double& v) { return v; }
-
-template <class T> __device__ __forceinline__ T store(acc_t<T> v);
-template <> __device__ __forceinline__ __half store<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <> __device__ __forceinline__ float store<float>(float v) { return v; }
-template <> __device__ __forceinline__ double store<double>(double v) { return v; }
-
-template <class T> __device__ __forceinline__ T zero() { return store<T>(acc_t<T>(0)); }
-
-__device__ __forceinline__ bool valid(const int64_t* lengths, int64_t b, int64_t t) {
-  return lengths == nullptr || t < lengths[b];
-}
+using namespace unit;  // load, store, zero, valid, forward_unit
 
 constexpr int kThreads = 256;
 
@@ -53,50 +35,6 @@ inline dim3 grid_for(int64_t n, int D) { return dim3(blocks_for(n), static_cast<
 // ---- kernels -------------------------------------------------------------------------
 // Grid row blockIdx.y is the direction. Each kernel hands its direction's arguments to an
 // inlined body with a constant index, so they are read straight from the parameter bank.
-
-template <class Cell, class T>
-__device__ __forceinline__ void forward_unit(const ForwardStep<T>& s, const ForwardStepDir<T>& a,
-                                             int64_t idx) {
-  using A = acc_t<T>;
-  constexpr int G = Cell::kGates, S = Cell::kSaved;
-  const int64_t H = s.H, P = s.P, GH = G * H;
-  const int64_t b = idx / H, j = idx - b * H;
-  if (a.hin_copy != nullptr && j < P) a.hin_copy[b * P + j] = a.hin[b * P + j];
-  if (Cell::kHasCell && a.cprev != nullptr) a.cprev[idx] = store<T>(a.c[idx]);
-  if (!valid(s.lengths, b, a.t)) {  // padded: the state passes through, outputs are zero
-    if (a.gates != nullptr) {  // never read by backward; kept defined
-#pragma unroll
-      for (int k = 0; k < S; ++k) a.gates[b * S * H + k * H + j] = zero<T>();
-    }
-    if (a.m != nullptr) {
-      a.m[idx] = zero<T>();
-    } else {  // P == H without a projection
-      a.hout[b * P + j] = a.hin[b * P + j];
-      a.y[b * s.ldy + j] = zero<T>();
-    }
-    return;
-  }
-  A xg[G], hg[G], sv[S], h = A(0), c = A(0);
-#pragma unroll
-  for (int k = 0; k < G; ++k) {
-    xg[k] = load(a.gx[b * s.ldgx + k * H + j]);
-    hg[k] = a.gh[b * GH + k * H + j] + (a.b_hh != nullptr ? load(a.b_hh[k * H + j]) : A(0));
-  }
-  Cell::forward(xg, hg, Cell::kUsesPrevH ? load(a.hin[b * P + j]) : A(0),
-                Cell::kHasCell ? a.c[idx] : A(0), h, c, sv);
-  if (Cell::kHasCell) a.c[idx] = c;
-  if (a.gates != nullptr) {
-#pragma unroll
-    for (int k = 0; k < S; ++k) a.gates[b * S * H + k * H + j] = store<T>(sv[k]);
-  }
-  const T hv = store<T>(h);
-  if (a.m != nullptr) {
-    a.m[idx] = hv;
-  } else {
-    a.hout[b * P + j] = hv;
-    a.y[b * s.ldy + j] = hv;
-  }
-}
 
 template <class Cell, class T>
 __global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardStep<T> s) {
@@ -209,16 +147,6 @@ __global__ void __launch_bounds__(kThreads) convert_kernel(int64_t n, const In* 
 }
 
 #undef FASTRNN_GRID_STRIDE
-
-template <class Fn>
-void with_cell(CellKind kind, Fn&& fn) {
-  switch (kind) {
-    case CellKind::LSTM: fn(Lstm{}); break;
-    case CellKind::GRU: fn(Gru{}); break;
-    case CellKind::RNN_TANH: fn(Rnn<false>{}); break;
-    case CellKind::RNN_RELU: fn(Rnn<true>{}); break;
-  }
-}
 
 }  // namespace
 

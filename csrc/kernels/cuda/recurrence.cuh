@@ -135,6 +135,17 @@ struct ProjectGradStep {
   ProjectGradStepDir<T> dir[kMaxDirs];
 };
 
+// fn(Cell{}) with the cells.h type of `kind` (host side: picks a kernel's template).
+template <class Fn>
+inline void with_cell(CellKind kind, Fn&& fn) {
+  switch (kind) {
+    case CellKind::LSTM: fn(Lstm{}); break;
+    case CellKind::GRU: fn(Gru{}); break;
+    case CellKind::RNN_TANH: fn(Rnn<false>{}); break;
+    case CellKind::RNN_RELU: fn(Rnn<true>{}); break;
+  }
+}
+
 // ---- kernel launchers (pointwise.cu; instantiated for float, double, __half, bfloat16) --
 // Each enqueues one kernel, covering all a.D directions, on `stream` and returns
 // cudaGetLastError().
@@ -150,6 +161,17 @@ cudaError_t project_grad_step(const ProjectGradStep<T>& a, cudaStream_t stream);
 // out[i] = in[i] converted, i < n. Instantiated for (T, acc_t<T>) and (acc_t<T>, T).
 template <class In, class Out>
 cudaError_t convert(int64_t n, const In* in, Out* out, cudaStream_t stream);
+
+// The whole forward of a layer without projection in one cooperative launch, with each
+// block's slice of W_hh in shared memory for the whole sequence (persistent.cu; T is float,
+// __half or __nv_bfloat16). Same arguments and workspaces as forward() below, same results
+// up to the summation order of h W_hh^T (FP32 FMA, never TF32). Returns
+// cudaErrorNotSupported, having run nothing, where it does not apply: a projection, LayerNorm
+// or per-step extras (resets, zoneout, recurrent dropout), a W_hh slice too large for shared
+// memory, or a grid that cannot be co-resident; the caller then runs forward().
+template <class T>
+cudaError_t forward_persistent(CellKind kind, const ForwardParams<T>* p, int D,
+                               acc_t<T>* ws_acc, T* ws, cudaStream_t stream);
 
 // ---- the driver ------------------------------------------------------------------------
 // The caller provides the GEMM, batched over the directions and enqueued on the same stream
@@ -169,7 +191,58 @@ cudaError_t convert(int64_t n, const In* in, Out* out, cudaStream_t stream);
 // tensors and the workspaces. (The side-by-side rows of dgx/dgh are not: their two slices
 // of one step can lie in either order, so the backward packs them into a workspace.)
 
-inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
+__host__ __device__ inline int64_t time_of(int64_t s, int64_t T, bool reverse) {
+  return reverse ? T - 1 - s : s;
+}
+
+// Direction d's state entering step s (s in [0, T]); step T's "entering" state is the final
+// one. When saving, the states live in hprev at their time slot, as on the CPU; otherwise in
+// the ping-pong buffer hbuf [D, 2, B, P].
+template <class T>
+__host__ __device__ inline T* step_state(const ForwardParams<T>& q, int d, int64_t s, T* hbuf) {
+  if (s == q.T) return q.h_n;
+  if (s == 0) return const_cast<T*>(q.h0);
+  return q.gates != nullptr ? q.hprev + time_of(s, q.T, q.reverse) * q.B * q.P
+                            : hbuf + (d * 2 + s % 2) * q.B * q.P;
+}
+
+// The arguments of forward_step for step s of the D directions p[0 .. D-1] (G gates, S
+// saved values per unit), with the forward workspaces gh [D, B, G*H], c [D, B, H] (LSTM),
+// hbuf [D, 2, B, P] and mbuf [D, B, H] (inference, the latter with a projection). hout
+// receives each direction's state leaving the step, which the projection writes when
+// there is one (the step's own hout is then nullptr). Used by the host loop of forward()
+// and, every step, by the persistent kernel (persistent.cu).
+template <class T>
+__host__ __device__ inline ForwardStep<T> forward_step_args(const ForwardParams<T>* p, int D,
+                                                            int G, int S, bool lstm, int64_t s,
+                                                            acc_t<T>* gh, acc_t<T>* c, T* hbuf,
+                                                            T* mbuf, T* (&hout)[kMaxDirs]) {
+  const int64_t Tn = p[0].T, B = p[0].B, H = p[0].H, GH = G * H;
+  const bool proj = p[0].w_hr != nullptr, saving = p[0].gates != nullptr;
+  ForwardStep<T> a;
+  a.D = D; a.B = B; a.H = H; a.P = p[0].P; a.lengths = p[0].lengths;
+  a.ldgx = p[0].ldgx; a.ldy = p[0].ldy;
+  for (int d = 0; d < kMaxDirs; ++d) {
+    const int e = d < D ? d : 0;  // unused slot of a one-direction layer: a copy of 0
+    const ForwardParams<T>& q = p[e];
+    const int64_t t = time_of(s, Tn, q.reverse);
+    hout[d] = step_state(q, e, s + 1, hbuf);
+    ForwardStepDir<T>& r = a.dir[d];
+    r.t = t;
+    r.gx = q.gx + t * B * q.ldgx;
+    r.gh = gh + e * B * GH;
+    r.b_hh = q.b_hh;
+    r.hin = step_state(q, e, s, hbuf);
+    r.hout = proj ? nullptr : hout[d];
+    r.y = proj ? nullptr : q.y + t * B * q.ldy;
+    r.m = proj ? (saving ? q.m + t * B * H : mbuf + e * B * H) : nullptr;
+    r.c = lstm ? c + e * B * H : nullptr;
+    r.gates = saving ? q.gates + t * B * S * H : nullptr;
+    r.cprev = saving && lstm ? q.cprev + t * B * H : nullptr;
+    r.hin_copy = saving && s == 0 ? q.hprev + t * B * a.P : nullptr;
+  }
+  return a;
+}
 
 // Workspace sizes for D directions, in elements of acc_t<T> and of T.
 template <class T>
@@ -214,21 +287,11 @@ cudaError_t forward(CellKind kind, const ForwardParams<T>* p, int D, const Gemm&
   const int G = gates_of(kind), S = saved_of(kind);
   const bool lstm = kind == CellKind::LSTM;
   const int64_t Tn = p[0].T, B = p[0].B, H = p[0].H, P = p[0].P, GH = G * H;
-  const bool proj = p[0].w_hr != nullptr, saving = p[0].saving();
+  const bool proj = p[0].w_hr != nullptr;
   A* gh = ws_acc;          // [D, B, G*H]
   A* c = gh + D * B * GH;  // [D, B, H]
   T* hbuf = ws;                  // [D, 2, B, P] (inference)
   T* mbuf = ws + D * 2 * B * P;  // [D, B, H] (inference with projection)
-
-  // Direction d's state entering step s (s in [0, T]); step T's "entering" state is the
-  // final one. When saving, the states live in hprev at their time slot, as on the CPU.
-  auto state = [&](int d, int64_t s) -> T* {
-    const ForwardParams<T>& q = p[d];
-    if (s == Tn) return q.h_n;
-    if (s == 0) return const_cast<T*>(q.h0);
-    return saving ? q.hprev + time_of(s, Tn, q.reverse) * B * P
-                  : hbuf + (d * 2 + s % 2) * B * P;
-  };
 
   if (lstm) {
     for (int d = 0; d < D; ++d) FASTRNN_CUDA_TRY(convert(B * H, p[d].c0, c + d * B * H, stream));
@@ -236,33 +299,10 @@ cudaError_t forward(CellKind kind, const ForwardParams<T>* p, int D, const Gemm&
   const T* w_hh[kMaxDirs] = {p[0].w_hh, p[D - 1].w_hh};
   const T* w_hr[kMaxDirs] = {p[0].w_hr, p[D - 1].w_hr};
   for (int64_t s = 0; s < Tn; ++s) {
-    ForwardStep<T> a;
-    a.D = D; a.B = B; a.H = H; a.P = P; a.lengths = p[0].lengths;
-    a.ldgx = p[0].ldgx; a.ldy = p[0].ldy;
-    const T* hin[kMaxDirs] = {};
-    T* hout[kMaxDirs] = {};
-    T* m[kMaxDirs] = {};
-    for (int d = 0; d < kMaxDirs; ++d) {
-      const int e = d < D ? d : 0;  // unused slot of a one-direction layer: a copy of 0
-      const ForwardParams<T>& q = p[e];
-      const int64_t t = time_of(s, Tn, q.reverse);
-      hin[d] = state(e, s);
-      hout[d] = state(e, s + 1);
-      m[d] = proj ? (saving ? q.m + t * B * H : mbuf + e * B * H) : nullptr;
-      ForwardStepDir<T>& r = a.dir[d];
-      r.t = t;
-      r.gx = q.gx + t * B * q.ldgx;
-      r.gh = gh + e * B * GH;
-      r.b_hh = q.b_hh;
-      r.hin = hin[d];
-      r.hout = proj ? nullptr : hout[d];
-      r.y = proj ? nullptr : q.y + t * B * q.ldy;
-      r.m = m[d];
-      r.c = lstm ? c + e * B * H : nullptr;
-      r.gates = saving ? q.gates + t * B * S * H : nullptr;
-      r.cprev = saving && lstm ? q.cprev + t * B * H : nullptr;
-      r.hin_copy = saving && s == 0 ? q.hprev + t * B * P : nullptr;
-    }
+    T* hout[kMaxDirs];
+    const ForwardStep<T> a = forward_step_args(p, D, G, S, lstm, s, gh, c, hbuf, mbuf, hout);
+    const T* hin[kMaxDirs] = {a.dir[0].hin, a.dir[1].hin};
+    T* m[kMaxDirs] = {a.dir[0].m, a.dir[1].m};
     const int64_t s_hin = dir_stride(hin, D), s_hout = dir_stride(hout, D);
     const int64_t s_m = dir_stride(m, D);
     if (s_hin < 0 || s_hout < 0 || s_m < 0) return cudaErrorInvalidValue;  // see above
