@@ -10,7 +10,7 @@
 #   5. benchmarks against torch.nn (cuDNN): float32 (TF32 off on both sides) and bfloat16,
 #      B = 1, 16, 64, T = 100 and 1024, H = 256, 512, 768, and variable lengths against
 #      cuDNN on a PackedSequence (about 10-15 minutes on an H100), and a few shapes with the
-#      persistent forward kernel (bench_rnn.py --cuda-persistent).
+#      persistent kernels (bench_rnn.py --cuda-persistent).
 # Logs, the JUnit report, bench JSON and PNG go to $OUT when set, else to bench/results/gpu_check/.
 # Optional: FASTRNN_CUDA_ARCHS=90 (say) to build for fewer architectures than torch's list;
 # GPU_CHECK_TESTS="tests/test_cuda.py" to run part of the suite; GPU_CHECK_BENCH=0 to skip the
@@ -80,7 +80,7 @@ if [[ "${GPU_CHECK_BENCH:-1}" != 0 ]]; then
       --json "$OUT_DIR/bench_$dtype.json" --png "$OUT_DIR/bench_$dtype.png" 2>&1 \
       | tee "$OUT_DIR/bench_$dtype.log"
     [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
-    echo "== benchmark ($dtype, persistent forward)"
+    echo "== benchmark ($dtype, persistent kernels)"
     python bench/bench_rnn.py --device cuda --dtype "$dtype" --cuda-persistent --cells lstm,gru \
       --modes inference,training,varlen --shapes "1,100,256,256;16,1024,768,768;64,256,512,512" \
       --repeats 5 --warmup 2 --json "$OUT_DIR/bench_${dtype}_persistent.json" 2>&1 \

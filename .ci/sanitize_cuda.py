@@ -1,7 +1,7 @@
 """A small forward + backward of every cell on the GPU, for compute-sanitizer:
 lengths on the device, one and two directions, with and without a projection, float32 and
 bfloat16, through the modules (multi-layer) and the cells; the per-step path and the
-persistent forward kernel. Exits non-zero on a mismatch with
+persistent kernels. Exits non-zero on a mismatch with
 the CPU in float64, so a run under the sanitizer also checks the answers.
 
     compute-sanitizer --tool memcheck  python .ci/sanitize_cuda.py
@@ -64,15 +64,15 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     ok = True
     for persistent in (False, True):
-        fastrnn.ops._C.set_cuda_persistent_forward(persistent)
-        print("persistent forward:", persistent)
+        fastrnn.ops._C.set_cuda_persistent(persistent)
+        print("persistent kernels:", persistent)
         for kind in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
             for bidirectional in (False, True):
                 for proj in ((False, True) if kind == "lstm" else (False,)):
                     for dtype in (torch.float32, torch.bfloat16):
                         for lengths in (False, True):
                             ok &= case(kind, bidirectional, proj, dtype, lengths)
-    fastrnn.ops._C.set_cuda_persistent_forward(False)
+    fastrnn.ops._C.set_cuda_persistent(False)
     ok &= cells()
     print("sanitize_cuda:", "all cases match" if ok else "MISMATCH")
     return 0 if ok else 1

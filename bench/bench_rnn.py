@@ -508,7 +508,7 @@ def main(argv=None):
                         "the models stay in --dtype)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--cuda-persistent", action="store_true",
-                   help="CUDA: fastrnn's forward tries its persistent kernel first (W_hh on chip for "
+                   help="CUDA: fastrnn tries its persistent kernels first (W_hh on chip for "
                         "the whole sequence; layers it does not fit run the per-step path)")
     p.add_argument("--tf32", choices=("off", "on"), default="off",
                    help="CUDA float32: TF32 tensor cores for both sides (torch.backends.cuda.matmul"
@@ -542,7 +542,7 @@ def main(argv=None):
     if args.cuda_persistent:
         if not getattr(fastrnn.ops._C, "cuda", False):
             p.error("--cuda-persistent: fastrnn was built without its CUDA kernels")
-        fastrnn.ops._C.set_cuda_persistent_forward(True)
+        fastrnn.ops._C.set_cuda_persistent(True)
     shapes = args.shapes or GRIDS[args.grid]
     cases = [(c, m, s) for s in shapes for c in args.cells for m in args.modes]
 
@@ -569,7 +569,7 @@ def main(argv=None):
     if device.type == "cuda" and args.dtype == "float32" and not args.autocast:
         precision += f" (TF32 {args.tf32} on both sides)"
     if args.cuda_persistent:
-        precision += ", fastrnn's persistent CUDA forward"
+        precision += ", fastrnn's persistent CUDA kernels"
     print(f"# {machine_name(info)} | {info['threads']} threads | {precision} on {device} | "
           f"torch {info['torch']} | fastrnn {info['fastrnn']} ({info['fastrnn_path']}), "
           f"CPU kernels {info['cpu_kernels']}")

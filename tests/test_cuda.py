@@ -443,15 +443,16 @@ def test_second_device(cell, proj):
     assert_grads_close(g, ref_g, atol=1e-9, rtol=1e-7)
 
 
-# ---- the persistent forward kernel (csrc/kernels/cuda/persistent.cu) ----------------------
+# ---- the persistent kernels (csrc/kernels/cuda/persistent.cu) ------------------------------
 
 @pytest.fixture
 def persistent():
-    """The persistent forward on; yields a function that says how many layers it ran since."""
-    ops._C.set_cuda_persistent_forward(True)
-    start = ops._C.cuda_persistent_forward_runs()
-    yield lambda: ops._C.cuda_persistent_forward_runs() - start
-    ops._C.set_cuda_persistent_forward(False)
+    """The persistent kernels on; yields a function that says how many forward and backward
+    calls they have run since."""
+    ops._C.set_cuda_persistent(True)
+    start = ops._C.cuda_persistent_runs()
+    yield lambda: ops._C.cuda_persistent_runs() - start
+    ops._C.set_cuda_persistent(False)
 
 
 # (T, B, I, H): one unit; odd sizes; a batch over one warp pass (40 > 32 rows); B=1 with more
@@ -466,10 +467,9 @@ PERSISTENT_SIZES = [(1, 1, 1, 1), (9, 3, 5, 7), (6, 40, 16, 64), (5, 1, 8, 300),
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_persistent_forward_error(persistent, cell, dtype, reverse, lengths, size):
-    """Outputs, and every gradient (the backward reads what the kernel saved), within twice
-    the per-step path's error against float64 on the same inputs, plus a few units of the
-    dtype; and the persistent kernel did run."""
+def test_persistent_error(persistent, cell, dtype, reverse, lengths, size):
+    """Outputs and every gradient within twice the per-step path's error against float64 on
+    the same inputs, plus a few units of the dtype; and both persistent kernels did run."""
     T, B, I, H = size
     base = make_inputs(cell, T, B, I, H)
     low = moved(base, "cpu", dtype)
@@ -477,10 +477,10 @@ def test_persistent_forward_error(persistent, cell, dtype, reverse, lengths, siz
     exact_out, exact_g = run(moved(low, "cpu", torch.float64), cell, lens, reverse)
     dev_lens = None if lens is None else lens.to(DEV)
     out, g = run(moved(low), cell, dev_lens, reverse)
-    assert persistent() == 1
-    ops._C.set_cuda_persistent_forward(False)
+    assert persistent() == 2  # the forward and the backward
+    ops._C.set_cuda_persistent(False)
     step_out, step_g = run(moved(low), cell, dev_lens, reverse)
-    assert persistent() == 1
+    assert persistent() == 2
     eps = torch.finfo(dtype).eps
     pairs = list(zip(out, step_out, exact_out)) + [(g[k], step_g[k], exact_g[k]) for k in g]
     for i, (ours, step, ref) in enumerate(pairs):
@@ -497,7 +497,7 @@ def test_persistent_forward_error(persistent, cell, dtype, reverse, lengths, siz
 
 @needs_cuda_build
 @pytest.mark.parametrize("kind, proj", [("LSTM", 0), ("GRU", 0), ("RNN", 0), ("LSTM", 4)])
-def test_persistent_forward_modules(persistent, kind, proj):
+def test_persistent_modules(persistent, kind, proj):
     """Two layers, both directions in one launch, batch_first, lengths: the same outputs and
     parameter gradients as the per-step path. proj_size takes the per-step path."""
     torch.manual_seed(0)
@@ -514,14 +514,15 @@ def test_persistent_forward_modules(persistent, kind, proj):
         return [y.detach()] + [p.grad.clone() for p in mod.parameters()]
 
     fast = result()
-    assert persistent() == (0 if proj else 2)  # one launch per layer, both directions in it
-    ops._C.set_cuda_persistent_forward(False)
+    # one forward and one backward launch per layer, both directions in each
+    assert persistent() == (0 if proj else 4)
+    ops._C.set_cuda_persistent(False)
     for a, b in zip(fast, result()):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
 @needs_cuda_build
-def test_persistent_forward_falls_back_when_too_large(persistent):
+def test_persistent_falls_back_when_too_large(persistent):
     """A W_hh slice that does not fit in shared memory runs the per-step path, correctly."""
     H = 4096  # float32 LSTM: 256 MB of W_hh, about 2 MB per block on a 132-SM GPU
     lstm = fastrnn.LSTM(8, H).to(DEV)
@@ -536,7 +537,7 @@ def test_persistent_forward_falls_back_when_too_large(persistent):
 
 
 @needs_cuda_build
-def test_persistent_forward_long_sequence(persistent):
+def test_persistent_long_sequence(persistent):
     """T = 100,000 steps (cuDNN stops at 65,535): the same as the per-step path."""
     torch.manual_seed(0)
     gru = fastrnn.GRU(4, 16).to(DEV)
@@ -544,7 +545,7 @@ def test_persistent_forward_long_sequence(persistent):
     with torch.no_grad():
         y, h = gru(x)
         assert persistent() == 1
-        ops._C.set_cuda_persistent_forward(False)
+        ops._C.set_cuda_persistent(False)
         y_step, h_step = gru(x)
     torch.testing.assert_close(y, y_step, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(h, h_step, atol=1e-5, rtol=1e-4)

@@ -147,9 +147,9 @@ void cuda_forward_loop(const LoopTensors& a) {
     auto* work = static_cast<E*>(ws.data_ptr());
     cudaError_t err = cudaErrorNotSupported;
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (cuda_persistent_forward()) {
+      if (cuda_persistent()) {
         err = cuda::forward_persistent(a.s.kind, p, D, acc, work, stream);
-        if (err == cudaSuccess) count_cuda_persistent_forward_run();
+        if (err == cudaSuccess) count_cuda_persistent_run();
       }
     }
     if (err == cudaErrorNotSupported) err = cuda::forward(a.s.kind, p, D, gemm, acc, work, stream);
@@ -174,9 +174,18 @@ void cuda_backward_loop(const LoopTensors& a) {
     at::Tensor ws_acc = at::empty({cuda::backward_workspace_acc(p[0], D)},
                                   a.dgx.options().dtype(acc_scalar_type(a.dgx.scalar_type())));
     at::Tensor ws = at::empty({cuda::backward_workspace(p[0], a.s.G, D)}, a.dgx.options());
-    C10_CUDA_CHECK(cuda::backward(a.s.kind, p, D, gemm,
-                                  static_cast<cuda::acc_t<E>*>(ws_acc.data_ptr()),
-                                  static_cast<E*>(ws.data_ptr()), stream));
+    auto* acc = static_cast<cuda::acc_t<E>*>(ws_acc.data_ptr());
+    cudaError_t err = cudaErrorNotSupported;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (cuda_persistent()) {
+        err = cuda::backward_persistent(a.s.kind, p, D, acc, stream);
+        if (err == cudaSuccess) count_cuda_persistent_run();
+      }
+    }
+    if (err == cudaErrorNotSupported) {
+      err = cuda::backward(a.s.kind, p, D, gemm, acc, static_cast<E*>(ws.data_ptr()), stream);
+    }
+    C10_CUDA_CHECK(err);
   });
 }
 

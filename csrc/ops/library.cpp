@@ -111,10 +111,10 @@ PYBIND11_MODULE(_C, m) {
         "The CPU's features the kernels care about (CPUID flags)");
   m.def("set_cpu_kernels", &fastrnn::cpu::set_kernels, pybind11::arg("name"),
         "Use the named CPU kernels from now on; False if this CPU cannot run them");
-  m.def("cuda_persistent_forward", &fastrnn::cuda_persistent_forward,
-        "Whether the CUDA forward tries the persistent kernel first");
-  m.def("set_cuda_persistent_forward", &fastrnn::set_cuda_persistent_forward,
-        pybind11::arg("on"), "Try the persistent CUDA forward kernel first (on) or not (off)");
-  m.def("cuda_persistent_forward_runs", &fastrnn::cuda_persistent_forward_runs,
-        "Layers the persistent CUDA forward kernel has run in this process");
+  m.def("cuda_persistent", &fastrnn::cuda_persistent,
+        "Whether the CUDA forward and backward try the persistent kernels first");
+  m.def("set_cuda_persistent", &fastrnn::set_cuda_persistent, pybind11::arg("on"),
+        "Try the persistent CUDA kernels first (on) or not (off)");
+  m.def("cuda_persistent_runs", &fastrnn::cuda_persistent_runs,
+        "Forward and backward calls the persistent CUDA kernels have run in this process");
 }

@@ -7,14 +7,14 @@
 namespace fastrnn {
 
 namespace {
-std::atomic<bool> g_cuda_persistent_forward{false};
-std::atomic<int64_t> g_cuda_persistent_forward_runs{0};
+std::atomic<bool> g_cuda_persistent{false};
+std::atomic<int64_t> g_cuda_persistent_runs{0};
 }  // namespace
 
-bool cuda_persistent_forward() { return g_cuda_persistent_forward.load(); }
-void set_cuda_persistent_forward(bool on) { g_cuda_persistent_forward.store(on); }
-int64_t cuda_persistent_forward_runs() { return g_cuda_persistent_forward_runs.load(); }
-void count_cuda_persistent_forward_run() { ++g_cuda_persistent_forward_runs; }
+bool cuda_persistent() { return g_cuda_persistent.load(); }
+void set_cuda_persistent(bool on) { g_cuda_persistent.store(on); }
+int64_t cuda_persistent_runs() { return g_cuda_persistent_runs.load(); }
+void count_cuda_persistent_run() { ++g_cuda_persistent_runs; }
 namespace {
 
 at::Tensor contig(const c10::optional<at::Tensor>& t) {

@@ -184,12 +184,13 @@ void cpu_backward_loop(const LoopTensors& a);
 void cuda_forward_loop(const LoopTensors& a);
 void cuda_backward_loop(const LoopTensors& a);
 
-// Whether the CUDA forward first tries the persistent kernel (csrc/kernels/cuda/persistent.cu;
-// layers it does not fit run the per-step path). Off by default. Process-wide.
-bool cuda_persistent_forward();
-void set_cuda_persistent_forward(bool on);
-// Layers the persistent kernel has run since the process started (for tests).
-int64_t cuda_persistent_forward_runs();
-void count_cuda_persistent_forward_run();
+// Whether the CUDA forward and backward first try the persistent kernels
+// (csrc/kernels/cuda/persistent.cu; layers they do not fit run the per-step path). Off by
+// default. Process-wide.
+bool cuda_persistent();
+void set_cuda_persistent(bool on);
+// Forward and backward calls the persistent kernels have run since the process started.
+int64_t cuda_persistent_runs();
+void count_cuda_persistent_run();
 
 }  // namespace fastrnn

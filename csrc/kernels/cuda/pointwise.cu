@@ -1,5 +1,5 @@
 // Per-step pointwise kernels of the CUDA recurrence (see recurrence.cuh): gate math from
-// cells.h (the forward's in units.cuh), lengths masking and state writes, one thread per (direction, batch row, hidden
+// cells.h (in units.cuh), lengths masking and state writes, one thread per (direction, batch row, hidden
 // unit); the directions of a layer share each launch.
 // Torch-free; explicitly instantiated below for every cell and dtype.
 #include <cuda_bf16.h>
@@ -16,7 +16,7 @@ namespace fastrnn {
 namespace cuda {
 namespace {
 
-using namespace unit;  // load, store, zero, valid, forward_unit
+using namespace unit;  // load, store, zero, valid, forward_unit, backward_unit
 
 constexpr int kThreads = 256;
 
@@ -65,49 +65,6 @@ __global__ void __launch_bounds__(kThreads) project_step_kernel(const ProjectSte
       project_unit(s, s.dir[0], idx);
     else
       project_unit(s, s.dir[1], idx);
-  }
-}
-
-template <class Cell, class T>
-__device__ __forceinline__ void backward_unit(const BackwardStep<T>& s,
-                                              const BackwardStepDir<T>& a, int64_t idx) {
-  using A = acc_t<T>;
-  constexpr int G = Cell::kGates, S = Cell::kSaved;
-  const int64_t H = s.H, P = s.P, GH = G * H;
-  const int64_t b = idx / H, j = idx - b * H;
-  T* dgx = a.dgx + b * s.ldg + j;
-  T* dgh = a.dgh + b * s.ldg + j;
-  T* dg = a.dg != nullptr ? a.dg + b * GH + j : nullptr;
-  if (!valid(s.lengths, b, a.t)) {  // padded: no gradient; dh and dc pass through
-#pragma unroll
-    for (int k = 0; k < G; ++k) {
-      dgx[k * H] = zero<T>();
-      if (Cell::kSplitGrad) dgh[k * H] = zero<T>();
-      if (dg != nullptr) dg[k * H] = zero<T>();
-    }
-    return;
-  }
-  // Gradient w.r.t. the cell output: through the projection, or dh + dy directly.
-  const A dout = a.dm != nullptr
-                     ? a.dm[idx]
-                     : a.dh[b * P + j] + (a.dy != nullptr ? load(a.dy[b * s.ldy + j]) : A(0));
-  A sv[S], gx[G], gh[G], dhp = A(0);
-#pragma unroll
-  for (int k = 0; k < S; ++k) sv[k] = load(a.gates[b * S * H + k * H + j]);
-  A dcv = Cell::kHasCell ? a.dc[idx] : A(0);
-  Cell::backward(sv, Cell::kUsesPrevH ? load(a.hprev[b * P + j]) : A(0),
-                 Cell::kHasCell ? load(a.cprev[idx]) : A(0), dout, dcv, gx, gh, dhp);
-#pragma unroll
-  for (int k = 0; k < G; ++k) {
-    dgx[k * H] = store<T>(gx[k]);
-    if (Cell::kSplitGrad) dgh[k * H] = store<T>(gh[k]);
-    if (dg != nullptr) dg[k * H] = store<T>(gh[k]);  // gh == gx unless kSplitGrad
-  }
-  if (Cell::kHasCell) a.dc[idx] = dcv;
-  if (a.dm == nullptr) {
-    a.dh[b * P + j] = dhp;  // the GEMM that follows adds dgh W_hh
-  } else if (j < P) {
-    a.dh[b * P + j] = A(0);  // projection (LSTM, no direct part): the GEMM sets it
   }
 }
 

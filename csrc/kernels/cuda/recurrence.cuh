@@ -162,16 +162,21 @@ cudaError_t project_grad_step(const ProjectGradStep<T>& a, cudaStream_t stream);
 template <class In, class Out>
 cudaError_t convert(int64_t n, const In* in, Out* out, cudaStream_t stream);
 
-// The whole forward of a layer without projection in one cooperative launch, with each
-// block's slice of W_hh in shared memory for the whole sequence (persistent.cu; T is float,
-// __half or __nv_bfloat16). Same arguments and workspaces as forward() below, same results
-// up to the summation order of h W_hh^T (FP32 FMA, never TF32). Returns
-// cudaErrorNotSupported, having run nothing, where it does not apply: a projection, LayerNorm
-// or per-step extras (resets, zoneout, recurrent dropout), a W_hh slice too large for shared
-// memory, or a grid that cannot be co-resident; the caller then runs forward().
+// The whole forward, or the recurrent part of the whole backward, of a layer without
+// projection in one cooperative launch, with each block's slice of W_hh in shared memory for
+// the whole sequence (persistent.cu; T is float, __half or __nv_bfloat16). Same arguments and
+// workspaces as forward() and backward() below (the backward needs no T workspace), same
+// results up to the summation order of the recurrent products (FP32 FMA, never TF32).
+// Return cudaErrorNotSupported, having changed no output, where they do not apply: a
+// projection, LayerNorm or per-step extras (resets, zoneout, recurrent dropout), a W_hh slice
+// too large for shared memory, or a grid that cannot be co-resident; the caller then runs
+// forward() or backward().
 template <class T>
 cudaError_t forward_persistent(CellKind kind, const ForwardParams<T>* p, int D,
                                acc_t<T>* ws_acc, T* ws, cudaStream_t stream);
+template <class T>
+cudaError_t backward_persistent(CellKind kind, const BackwardParams<T>* p, int D,
+                                acc_t<T>* ws_acc, cudaStream_t stream);
 
 // ---- the driver ------------------------------------------------------------------------
 // The caller provides the GEMM, batched over the directions and enqueued on the same stream
@@ -240,6 +245,41 @@ __host__ __device__ inline ForwardStep<T> forward_step_args(const ForwardParams<
     r.gates = saving ? q.gates + t * B * S * H : nullptr;
     r.cprev = saving && lstm ? q.cprev + t * B * H : nullptr;
     r.hin_copy = saving && s == 0 ? q.hprev + t * B * a.P : nullptr;
+  }
+  return a;
+}
+
+// The arguments of backward_step for step s (walking s = T-1 .. 0) of the D directions, with
+// the backward workspaces dh [D, B, P], dc [D, B, H] (LSTM), dm [D, B, H] (projection) and
+// dg [D, B, G*H] (or nullptr: no packed copy of dgh). Used by the host loop of backward()
+// and, every step, by the persistent backward kernel (persistent.cu).
+template <class T>
+__host__ __device__ inline BackwardStep<T> backward_step_args(const BackwardParams<T>* p, int D,
+                                                              int G, int S, bool lstm,
+                                                              int64_t s, acc_t<T>* dh,
+                                                              acc_t<T>* dc, acc_t<T>* dm,
+                                                              T* dg) {
+  const int64_t Tn = p[0].T, B = p[0].B, H = p[0].H, P = p[0].P;
+  const bool proj = p[0].w_hr != nullptr;
+  BackwardStep<T> a;
+  a.D = D; a.B = B; a.H = H; a.P = P; a.lengths = p[0].lengths;
+  a.ldy = p[0].ldy; a.ldg = p[0].ldg;
+  for (int d = 0; d < kMaxDirs; ++d) {
+    const int e = d < D ? d : 0;
+    const BackwardParams<T>& q = p[e];
+    const int64_t t = time_of(s, Tn, q.reverse);
+    BackwardStepDir<T>& r = a.dir[d];
+    r.t = t;
+    r.dy = proj || q.dy == nullptr ? nullptr : q.dy + t * B * q.ldy;
+    r.gates = q.gates + t * B * S * H;
+    r.hprev = q.hprev + t * B * P;
+    r.cprev = lstm ? q.cprev + t * B * H : nullptr;
+    r.dm = proj ? dm + e * B * H : nullptr;
+    r.dh = dh + e * B * P;
+    r.dc = lstm ? dc + e * B * H : nullptr;
+    r.dgx = q.dgx + t * B * q.ldg;
+    r.dgh = q.dgh + t * B * q.ldg;
+    r.dg = dg != nullptr ? dg + e * B * G * H : nullptr;
   }
   return a;
 }
@@ -388,25 +428,8 @@ cudaError_t backward(CellKind kind, const BackwardParams<T>* p, int D, const Gem
            dir_stride(w_hr, D), false, false, dm, H, B * H);
     }
 
-    BackwardStep<T> a;
-    a.D = D; a.B = B; a.H = H; a.P = P; a.lengths = p[0].lengths;
-    a.ldy = p[0].ldy; a.ldg = p[0].ldg;
-    for (int d = 0; d < kMaxDirs; ++d) {
-      const int e = d < D ? d : 0;
-      const BackwardParams<T>& q = p[e];
-      BackwardStepDir<T>& r = a.dir[d];
-      r.t = t[d];
-      r.dy = proj ? nullptr : dy[d];
-      r.gates = q.gates + t[d] * B * S * H;
-      r.hprev = q.hprev + t[d] * B * P;
-      r.cprev = lstm ? q.cprev + t[d] * B * H : nullptr;
-      r.dm = proj ? dm + e * B * H : nullptr;
-      r.dh = dh + e * B * P;
-      r.dc = lstm ? dc + e * B * H : nullptr;
-      r.dgx = q.dgx + t[d] * B * q.ldg;
-      r.dgh = q.dgh + t[d] * B * q.ldg;
-      r.dg = D > 1 ? dg + e * B * GH : nullptr;
-    }
+    const BackwardStep<T> a =
+        backward_step_args(p, D, G, S, lstm, s, dh, dc, dm, D > 1 ? dg : static_cast<T*>(nullptr));
     FASTRNN_CUDA_TRY(backward_step(kind, a, stream));
 
     // dh_prev = direct part + dgh W_hh. Padded rows have dgh = 0 and keep dh unchanged.

@@ -1,7 +1,7 @@
 // Device code for one (direction, batch row, hidden unit) of a step, shared by the per-step
 // kernels (pointwise.cu) and the persistent kernel (persistent.cu): conversions between the
-// storage and accumulation types, the lengths mask, and the forward gate math and state
-// writes of cells.h. Torch-free.
+// storage and accumulation types, the lengths mask, and the gate math (forward and
+// backward) and state writes of cells.h. Torch-free.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -78,6 +78,49 @@ __device__ __forceinline__ void forward_unit(const ForwardStep<T>& s, const Forw
   } else {
     a.hout[b * P + j] = hv;
     a.y[b * s.ldy + j] = hv;
+  }
+}
+
+template <class Cell, class T>
+__device__ __forceinline__ void backward_unit(const BackwardStep<T>& s,
+                                              const BackwardStepDir<T>& a, int64_t idx) {
+  using A = acc_t<T>;
+  constexpr int G = Cell::kGates, S = Cell::kSaved;
+  const int64_t H = s.H, P = s.P, GH = G * H;
+  const int64_t b = idx / H, j = idx - b * H;
+  T* dgx = a.dgx + b * s.ldg + j;
+  T* dgh = a.dgh + b * s.ldg + j;
+  T* dg = a.dg != nullptr ? a.dg + b * GH + j : nullptr;
+  if (!valid(s.lengths, b, a.t)) {  // padded: no gradient; dh and dc pass through
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      dgx[k * H] = zero<T>();
+      if (Cell::kSplitGrad) dgh[k * H] = zero<T>();
+      if (dg != nullptr) dg[k * H] = zero<T>();
+    }
+    return;
+  }
+  // Gradient w.r.t. the cell output: through the projection, or dh + dy directly.
+  const A dout = a.dm != nullptr
+                     ? a.dm[idx]
+                     : a.dh[b * P + j] + (a.dy != nullptr ? load(a.dy[b * s.ldy + j]) : A(0));
+  A sv[S], gx[G], gh[G], dhp = A(0);
+#pragma unroll
+  for (int k = 0; k < S; ++k) sv[k] = load(a.gates[b * S * H + k * H + j]);
+  A dcv = Cell::kHasCell ? a.dc[idx] : A(0);
+  Cell::backward(sv, Cell::kUsesPrevH ? load(a.hprev[b * P + j]) : A(0),
+                 Cell::kHasCell ? load(a.cprev[idx]) : A(0), dout, dcv, gx, gh, dhp);
+#pragma unroll
+  for (int k = 0; k < G; ++k) {
+    dgx[k * H] = store<T>(gx[k]);
+    if (Cell::kSplitGrad) dgh[k * H] = store<T>(gh[k]);
+    if (dg != nullptr) dg[k * H] = store<T>(gh[k]);  // gh == gx unless kSplitGrad
+  }
+  if (Cell::kHasCell) a.dc[idx] = dcv;
+  if (a.dm == nullptr) {
+    a.dh[b * P + j] = dhp;  // the GEMM that follows adds dgh W_hh
+  } else if (j < P) {
+    a.dh[b * P + j] = A(0);  // projection (LSTM, no direct part): the GEMM sets it
   }
 }
 
