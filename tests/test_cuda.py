@@ -12,6 +12,8 @@ TF32: fastrnn's float32 GEMMs are ATen's and follow torch.backends.cuda.matmul.a
 as torch.mm does; the fixture below turns it (and cuDNN's) off for every test here, and
 test_float32_follows_torch_tf32_switch turns it on.
 """
+import copy
+
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
@@ -64,9 +66,10 @@ def grads_of(outs, inputs, weights):
     return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, gs)]
 
 
-def run(inp, cell, lengths=None, reverse=False, weights=None):
-    """fastrnn.functional on `inp`'s device: outputs and the gradient of every leaf."""
-    outs = [o for o in call(F, cell, inp, lengths, reverse) if o is not None]
+def run(inp, cell, lengths=None, reverse=False, weights=None, **extras):
+    """fastrnn.functional on `inp`'s device: outputs and the gradient of every leaf; extras
+    (resets, zoneout_h, zoneout_c, rec_mask) are passed on."""
+    outs = [o for o in call(F, cell, inp, lengths, reverse, **extras) if o is not None]
     names = list(leaves(inp))
     weights = weights or out_weights(outs)
     return outs, dict(zip(names, grads_of(outs, [inp[k] for k in names], weights)))
@@ -661,28 +664,72 @@ def test_opcheck_backward_cuda(cell, D):
 
 
 
-@needs_cuda_build
-def test_resets_not_implemented():
-    """resets= runs on the CPU only for now: CUDA says so rather than ignoring the flags."""
-    fast = fastrnn.GRU(3, 4).to(DEV)
-    x = torch.randn(5, 2, 3, device=DEV)
-    resets = torch.zeros(5, 2, dtype=torch.bool, device=DEV)
-    with pytest.raises(NotImplementedError, match="resets= is not implemented on CUDA"):
-        fast(x, resets=resets)
-    args = tuple(a.to(DEV) if isinstance(a, torch.Tensor) else a for a in op_args("gru", 1))
-    with pytest.raises(NotImplementedError, match="resets= is not implemented on CUDA"):
-        ops.forward(*args, torch.zeros(3, 3, dtype=torch.bool, device=DEV))
+# ---- resets, zoneout and recurrent dropout ------------------------------------------------
+
+def extras_for(cell, inp, which, seed):
+    """CPU float64 arguments of the extras named in `which` for `inp`'s layer."""
+    from test_recurrent_dropout import mask_for
+    from test_resets import random_resets
+    from test_zoneout import zoneout_for
+    T, B, _ = inp["x"].shape
+    out = {}
+    if "resets" in which:
+        out["resets"] = random_resets(T, B, seed=seed, p=0.35)
+    if "zoneout" in which:
+        out["zoneout_h"], out["zoneout_c"] = zoneout_for(cell, inp, "mix", seed)
+    if "dropout" in which:
+        out["rec_mask"] = mask_for(inp, "drop", seed)
+    return out
+
+
+EXTRAS = ["resets", "zoneout", "dropout", "resets+zoneout+dropout"]
 
 
 @needs_cuda_build
-def test_zoneout_not_implemented():
-    fast = fastrnn.LSTM(3, 4, zoneout=0.1).to(DEV)
-    with pytest.raises(NotImplementedError, match="zoneout is not implemented on CUDA"):
-        fast(torch.randn(5, 2, 3, device=DEV))
+@pytest.mark.parametrize("size", [(1, 1, 2, 3), (7, 5, 4, 6), (12, 9, 8, 33)],
+                         ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("lengths", ["none", "mixed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("which", EXTRAS)
+@pytest.mark.parametrize("cell, proj", CELL_PROJ, ids=CELL_PROJ_IDS)
+def test_extras_match_cpu_fp64(cell, proj, which, reverse, lengths, size):
+    """Resets, zoneout and recurrent dropout on the GPU: every output and gradient as the
+    CPU kernels give them, in float64."""
+    T, B, I, H = size
+    if proj and proj >= H:
+        pytest.skip("proj_size must be smaller than hidden_size")
+    inp = make_inputs(cell, T, B, I, H, proj=proj, seed=T + B)
+    lens = lengths_for(lengths, T, B)
+    extras = extras_for(cell, inp, which, seed=T * B)
+    ref_out, ref_g = run(inp, cell, lens, reverse, **extras)
+    gpu_extras = {k: v.to(DEV) for k, v in extras.items() if v is not None}
+    out, g = run(moved(inp), cell, None if lens is None else lens.to(DEV), reverse,
+                 **gpu_extras)
+    assert_close_all(out, ref_out, atol=1e-9, rtol=1e-7)
+    assert_grads_close(g, ref_g, atol=1e-9, rtol=1e-7)
 
 
 @needs_cuda_build
-def test_recurrent_dropout_not_implemented():
-    fast = fastrnn.GRU(3, 4, recurrent_dropout=0.1).to(DEV)
-    with pytest.raises(NotImplementedError, match="recurrent_dropout is not implemented on CUDA"):
-        fast(torch.randn(5, 2, 3, device=DEV))
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_extras_modules_match_cpu(kind):
+    """Two bidirectional layers with resets and zoneout, lengths, in eval mode (zoneout's
+    deterministic mix; the training masks come from each device's own generator, and the
+    functional test above checks the kernels with given masks): the CPU's outputs, final
+    states and gradients."""
+    torch.manual_seed(0)
+    cpu = getattr(fastrnn, kind)(4, 6, num_layers=2, bidirectional=True, zoneout=0.3,
+                                 recurrent_dropout=0.2).double().eval()
+    gpu = copy.deepcopy(cpu).to(DEV)
+    x = torch.randn(8, 3, 4, dtype=torch.float64)
+    resets = torch.rand(8, 3) < 0.3
+    lens = torch.tensor([8, 5, 2])
+
+    def result(mod, device):
+        xd = x.to(device).requires_grad_()
+        y, h = mod(xd, resets=resets.to(device), lengths=lens.to(device))
+        states = h if kind == "LSTM" else (h,)
+        (y.pow(2).sum() + sum(s.sum() for s in states)).backward()
+        return [y, *states, xd.grad] + [p.grad for p in mod.parameters()]
+
+    for a, b in zip(result(gpu, DEV), result(cpu, "cpu")):
+        torch.testing.assert_close(a.detach().cpu(), b.detach(), atol=1e-9, rtol=1e-7)

@@ -103,6 +103,9 @@ struct BackwardParams {
 // one entering t; a reverse direction meets the episode's steps last to first, so it starts
 // afresh at t when step t + 1 began an episode (t + 1 was processed just before t). Flags at
 // padded steps (t >= lengths[b]) are ignored. resets: [T, B] bool as bytes; lengths: [B].
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
 inline bool reset_before(const uint8_t* resets, const int64_t* lengths, int64_t T, int64_t B,
                          bool reverse, int64_t t, int64_t b) {
   const int64_t k = reverse ? t + 1 : t;  // the flag that decides

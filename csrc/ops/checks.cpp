@@ -234,8 +234,6 @@ void check_resets(const c10::optional<at::Tensor>& resets, const at::Tensor& x,
               "] (seq_len, batch: one flag per step and sequence), got ", r->sizes());
   TORCH_CHECK(r->device() == x.device(), "fastrnn: resets is on ", r->device(),
               " but input x is on ", x.device());
-  TORCH_CHECK_NOT_IMPLEMENTED(!x.is_cuda(),
-                              "fastrnn: resets= is not implemented on CUDA yet (CPU only)");
 }
 
 void check_zoneout(const c10::optional<at::Tensor>& zoneout_h,
@@ -255,8 +253,6 @@ void check_zoneout(const c10::optional<at::Tensor>& zoneout_h,
     check_shape(*zc, {s.D, s.T, s.B, s.H}, "zoneout_c");
     check_same(x, *zc, "zoneout_c");
   }
-  TORCH_CHECK_NOT_IMPLEMENTED(!x.is_cuda(),
-                              "fastrnn: zoneout is not implemented on CUDA yet (CPU only)");
 }
 
 void check_rec_mask(const c10::optional<at::Tensor>& rec_mask, const at::Tensor& x,
@@ -265,8 +261,6 @@ void check_rec_mask(const c10::optional<at::Tensor>& rec_mask, const at::Tensor&
   if (!r) return;
   check_shape(*r, {s.D, s.B, s.P}, "rec_mask");
   check_same(x, *r, "rec_mask");
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !x.is_cuda(), "fastrnn: recurrent_dropout is not implemented on CUDA yet (CPU only)");
 }
 
 void check_length_values(const at::Tensor& lengths, int64_t T) {

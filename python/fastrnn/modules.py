@@ -130,8 +130,6 @@ def _check_resets(resets, steps, batch, batch_first, device):
                          f"two dimensions, got {list(resets.shape)}")
     if resets.device != device:
         raise RuntimeError(f"resets is on {resets.device} but the input is on {device}")
-    if device.type == "cuda":
-        raise NotImplementedError("fastrnn: resets= is not implemented on CUDA yet (CPU only)")
     return resets.t() if batch_first else resets
 
 

@@ -100,8 +100,9 @@ __device__ __forceinline__ void load_column(const T* p, acc_t<T> (&w)[1]) {
 // (__ldcg); its rows are staged in shared memory l.rows at a time. One warp takes one unit
 // and l.lanes_b rows: lane (bl, ks) takes row bl and columns k == ks (mod KS), KS = 32 /
 // lanes_b, and the KS lane groups sum with shuffles. The staged row bl, column k lies in
-// bank (bl * KS + ks + k) mod 32 (xs == KS mod 32): a different bank for every lane; lanes
-// with the same ks read the same column of w_s (a broadcast).
+// bank (bl * KS + k) mod 32 (xs == KS mod 32), and the lanes' k differ in k mod KS == ks:
+// a different bank for every lane. Lanes with the same ks read the same column of w_s (a
+// broadcast).
 template <int G, int G4, class T, class Out>
 __device__ __forceinline__ void block_products(const Layout& l, const T* x, int64_t ldx,
                                                int64_t B, int64_t K, const T* w_s, int nu,
@@ -165,6 +166,7 @@ __device__ __forceinline__ void run_direction(const PersistentForward<T>& q) {
   for (int64_t s = 0; s < Tn; ++s) {
     T* hout[kMaxDirs];
     const ForwardStep<T> a = forward_step_args(q.p, q.D, G, S, kLstm, s, q.gh, q.c, q.hbuf,
+                                               static_cast<T*>(nullptr),
                                                static_cast<T*>(nullptr), hout);
     const ForwardStepDir<T>& ad = a.dir[Dir];
     block_products<G, G4>(q.l, ad.hin, H, B, H, w_s, nu, x_s,
@@ -208,7 +210,8 @@ __device__ __forceinline__ void run_direction(const PersistentBackward<T>& q) {
   for (int64_t s = Tn - 1; s >= 0; --s) {
     const BackwardStep<T> a = backward_step_args(q.p, q.D, G, S, kLstm, s, q.dh, q.dc,
                                                  static_cast<A*>(nullptr),
-                                                 static_cast<T*>(nullptr));
+                                                 static_cast<T*>(nullptr),
+                                                 static_cast<A*>(nullptr));
     const BackwardStepDir<T>& ad = a.dir[Dir];
     __syncthreads();  // the last step's dh of these units is written (and w_s, first)
     for (int64_t i = threadIdx.x; i < static_cast<int64_t>(nu) * B; i += kThreads) {

@@ -50,12 +50,11 @@ template <class T>
 __device__ __forceinline__ void project_unit(const ProjectStep<T>& s, const ProjectStepDir<T>& a,
                                              int64_t idx) {
   const int64_t b = idx / s.P, q = idx - b * s.P;
-  if (valid(s.lengths, b, a.t)) {
-    a.y[b * s.ldy + q] = a.hout[idx];
-  } else {
-    a.hout[idx] = a.hin[idx];
-    a.y[b * s.ldy + q] = zero<T>();
-  }
+  if (valid(s.lengths, b, a.t))  // hout holds the projection's value
+    leave_state(a.x, s.lengths, s.B, s.P, b, q, load(a.hout[idx]), a.hin, a.hout,
+                a.y + b * s.ldy + q);
+  else
+    carry_state(a.x, s.P, b, q, a.hin, a.hout, a.y + b * s.ldy + q);
 }
 
 template <class T>
@@ -83,9 +82,17 @@ __device__ __forceinline__ void project_grad_unit(const ProjectGradStep<T>& s,
                                                   const ProjectGradStepDir<T>& a, int64_t idx) {
   using A = acc_t<T>;
   const int64_t b = idx / s.P, q = idx - b * s.P;
-  a.dhtot[idx] = valid(s.lengths, b, a.t)
-                     ? store<T>(a.dh[idx] + (a.dy != nullptr ? load(a.dy[b * s.ldy + q]) : A(0)))
-                     : zero<T>();
+  if (!valid(s.lengths, b, a.t)) {
+    a.dhtot[idx] = zero<T>();
+    return;
+  }
+  A v = a.dh[idx] + (a.dy != nullptr ? load(a.dy[b * s.ldy + q]) : A(0));
+  if (a.x.zoneout_h != nullptr) {  // the cell's part goes on; zoneout's waits in dz
+    const A z = load(a.x.zoneout_h[idx]);
+    a.x.dz[idx] = z * v;
+    v *= A(1) - z;
+  }
+  a.dhtot[idx] = store<T>(v);
 }
 
 template <class T>
@@ -98,9 +105,30 @@ __global__ void __launch_bounds__(kThreads) project_grad_step_kernel(const Proje
   }
 }
 
+template <class T>
+__global__ void __launch_bounds__(kThreads) backward_tail_step_kernel(const BackwardStep<T> s) {
+  FASTRNN_GRID_STRIDE(idx, s.B * s.H) {
+    if (blockIdx.y == 0)
+      backward_tail_unit(s, s.dir[0], idx);
+    else
+      backward_tail_unit(s, s.dir[1], idx);
+  }
+}
+
 template <class In, class Out>
 __global__ void __launch_bounds__(kThreads) convert_kernel(int64_t n, const In* in, Out* out) {
   FASTRNN_GRID_STRIDE(i, n) out[i] = store<Out>(static_cast<acc_t<Out>>(load(in[i])));
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) multiply_kernel(int64_t n, const T* a, const T* b,
+                                                            T* out) {
+  FASTRNN_GRID_STRIDE(i, n) out[i] = store<T>(load(a[i]) * load(b[i]));
+}
+
+template <class A>
+__global__ void __launch_bounds__(kThreads) accumulate_kernel(int64_t n, const A* in, A* out) {
+  FASTRNN_GRID_STRIDE(i, n) out[i] += in[i];
 }
 
 #undef FASTRNN_GRID_STRIDE
@@ -147,10 +175,33 @@ cudaError_t project_grad_step(const ProjectGradStep<T>& a, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
+template <class T>
+cudaError_t backward_tail_step(const BackwardStep<T>& a, cudaStream_t stream) {
+  const int64_t n = a.B * a.H;
+  if (a.D < 1 || a.D > kMaxDirs) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  backward_tail_step_kernel<T><<<grid_for(n, a.D), kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
 template <class In, class Out>
 cudaError_t convert(int64_t n, const In* in, Out* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   convert_kernel<In, Out><<<blocks_for(n), kThreads, 0, stream>>>(n, in, out);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t multiply(int64_t n, const T* a, const T* b, T* out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  multiply_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(n, a, b, out);
+  return cudaGetLastError();
+}
+
+template <class A>
+cudaError_t accumulate(int64_t n, const A* in, A* out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  accumulate_kernel<A><<<blocks_for(n), kThreads, 0, stream>>>(n, in, out);
   return cudaGetLastError();
 }
 
@@ -160,7 +211,9 @@ cudaError_t convert(int64_t n, const In* in, Out* out, cudaStream_t stream) {
   template cudaError_t forward_step<T>(CellKind, const ForwardStep<T>&, cudaStream_t);    \
   template cudaError_t project_step<T>(const ProjectStep<T>&, cudaStream_t);              \
   template cudaError_t backward_step<T>(CellKind, const BackwardStep<T>&, cudaStream_t);  \
-  template cudaError_t project_grad_step<T>(const ProjectGradStep<T>&, cudaStream_t);
+  template cudaError_t project_grad_step<T>(const ProjectGradStep<T>&, cudaStream_t);     \
+  template cudaError_t backward_tail_step<T>(const BackwardStep<T>&, cudaStream_t);       \
+  template cudaError_t multiply<T>(int64_t, const T*, const T*, T*, cudaStream_t);
 #define FASTRNN_INSTANTIATE_CONVERT(In, Out) \
   template cudaError_t convert<In, Out>(int64_t, const In*, Out*, cudaStream_t);
 
@@ -174,6 +227,8 @@ FASTRNN_INSTANTIATE_CONVERT(__half, float)
 FASTRNN_INSTANTIATE_CONVERT(float, __half)
 FASTRNN_INSTANTIATE_CONVERT(__nv_bfloat16, float)
 FASTRNN_INSTANTIATE_CONVERT(float, __nv_bfloat16)
+template cudaError_t accumulate<float>(int64_t, const float*, float*, cudaStream_t);
+template cudaError_t accumulate<double>(int64_t, const double*, double*, cudaStream_t);
 #undef FASTRNN_INSTANTIATE_CONVERT
 #undef FASTRNN_INSTANTIATE
 

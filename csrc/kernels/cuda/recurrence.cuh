@@ -44,6 +44,34 @@ template <class T> using acc_t = typename AccOf<T>::type;
 constexpr int kMaxDirs = 2;
 
 // ---- per-step kernel arguments ---------------------------------------------------------
+
+// Resets, zoneout and recurrent dropout of one direction at one step (params.h has their
+// semantics); every pointer nullptr when unused.
+//   forward: the state leaving a valid row's step is z * (state entering) + (1 - z) * (new
+//   value), y takes it, and hrec gets (state leaving) * rec_mask for the next step's GEMM;
+//   a row whose next step starts an episode then takes h0/c0 as the state leaving.
+//   backward: the gradient reaching the state leaving a valid row's step splits into z *
+//   (direct to the state entering) and (1 - z) * (through the cell); the recurrent product's
+//   gradient is multiplied by rec_mask; at a reset the gradient of the state entering goes
+//   to dh0/dc0 (gathered in dh0acc/dc0acc) instead of the step before.
+template <class T>
+struct Extras {
+  const uint8_t* resets = nullptr;   // [T, B] episode starts (bytes), or nullptr
+  int64_t steps = 0;                 // T (resets)
+  bool reverse = false;              // the direction's walk (resets)
+  int64_t t_reset = -1;              // forward: time of the next step (-1: none); backward:
+                                     //   this step's
+  const T* h0 = nullptr;             // [B, P] forward: the state taken at a reset
+  const T* c0 = nullptr;             // [B, H] forward, LSTM
+  const T* zoneout_h = nullptr;      // [B, P] at this step's time
+  const T* zoneout_c = nullptr;      // [B, H] at this step's time (LSTM)
+  const T* rec_mask = nullptr;       // [B, P]
+  T* hrec = nullptr;                 // [B, P] forward out: state leaving * rec_mask
+  acc_t<T>* dz = nullptr;            // [B, P] backward, projection: the zoneout part of dh
+  acc_t<T>* drec = nullptr;          // [B, P] backward: dgh W_hh, before the mask
+  acc_t<T>* dh0acc = nullptr;        // [B, P] backward: gradients gathered at resets
+  acc_t<T>* dc0acc = nullptr;        // [B, H] backward, LSTM
+};
 // One launch covers the same step s of every direction: the shapes and lengths are shared;
 // each direction has its own time index and pointers, already offset to its time slice
 // (and to its own [B, ...] slice of the workspaces). The kernels run one grid row
@@ -63,6 +91,7 @@ struct ForwardStepDir {
   T* gates = nullptr;                // [B, S*H] saved cell values, or nullptr (inference)
   T* cprev = nullptr;                // [B, H] out: c entering the step (LSTM, saving)
   T* hin_copy = nullptr;             // [B, P] out: copy of hin (first step when saving)
+  Extras<T> x;                       // resets, zoneout, recurrent dropout (see Extras)
 };
 
 template <class T>
@@ -82,6 +111,7 @@ struct ProjectStepDir {
   const T* hin = nullptr;  // [B, P]
   T* hout = nullptr;       // [B, P]
   T* y = nullptr;          // [B, ldy]
+  Extras<T> x;             // the state leaving the step is finished here (see Extras)
 };
 
 template <class T>
@@ -107,6 +137,7 @@ struct BackwardStepDir {
   T* dgh = nullptr;               // [B, ldg] out (GRU only; other cells alias dgx)
   T* dg = nullptr;                // [B, G*H] out: the recurrent part (dgh) again, packed for
                                   //   the batched dh GEMM, or nullptr (one direction)
+  Extras<T> x;                    // see Extras
 };
 
 template <class T>
@@ -125,6 +156,7 @@ struct ProjectGradStepDir {
   const T* dy = nullptr;          // [B, ldy] or nullptr
   const acc_t<T>* dh = nullptr;   // [B, P]
   T* dhtot = nullptr;             // [B, P] out
+  Extras<T> x;                    // zoneout: dhtot takes the cell's part, x.dz the rest
 };
 
 template <class T>
@@ -161,6 +193,16 @@ cudaError_t project_grad_step(const ProjectGradStep<T>& a, cudaStream_t stream);
 // out[i] = in[i] converted, i < n. Instantiated for (T, acc_t<T>) and (acc_t<T>, T).
 template <class In, class Out>
 cudaError_t convert(int64_t n, const In* in, Out* out, cudaStream_t stream);
+// out[i] = a[i] * b[i], i < n (the first step's h * rec_mask).
+template <class T>
+cudaError_t multiply(int64_t n, const T* a, const T* b, T* out, cudaStream_t stream);
+// out[i] += in[i], i < n (dh0/dc0: the gradient reaching the first step plus the resets').
+template <class A>
+cudaError_t accumulate(int64_t n, const A* in, A* out, cudaStream_t stream);
+// After a backward step's recurrent GEMM, on the valid rows: dh += drec * rec_mask, then a
+// reset's gradients to dh0acc/dc0acc (see Extras). Only when a direction has either.
+template <class T>
+cudaError_t backward_tail_step(const BackwardStep<T>& a, cudaStream_t stream);
 
 // The whole forward, or the recurrent part of the whole backward, of a layer without
 // projection in one cooperative launch, with each block's slice of W_hh in shared memory for
@@ -221,7 +263,8 @@ template <class T>
 __host__ __device__ inline ForwardStep<T> forward_step_args(const ForwardParams<T>* p, int D,
                                                             int G, int S, bool lstm, int64_t s,
                                                             acc_t<T>* gh, acc_t<T>* c, T* hbuf,
-                                                            T* mbuf, T* (&hout)[kMaxDirs]) {
+                                                            T* mbuf, T* hrec,
+                                                            T* (&hout)[kMaxDirs]) {
   const int64_t Tn = p[0].T, B = p[0].B, H = p[0].H, GH = G * H;
   const bool proj = p[0].w_hr != nullptr, saving = p[0].gates != nullptr;
   ForwardStep<T> a;
@@ -245,6 +288,19 @@ __host__ __device__ inline ForwardStep<T> forward_step_args(const ForwardParams<
     r.gates = saving ? q.gates + t * B * S * H : nullptr;
     r.cprev = saving && lstm ? q.cprev + t * B * H : nullptr;
     r.hin_copy = saving && s == 0 ? q.hprev + t * B * a.P : nullptr;
+    Extras<T>& x = r.x;
+    if (q.resets != nullptr) {
+      x.resets = q.resets;
+      x.steps = Tn;
+      x.reverse = q.reverse;
+      x.t_reset = s + 1 < Tn ? time_of(s + 1, Tn, q.reverse) : -1;
+      x.h0 = q.h0;
+      x.c0 = q.c0;
+    }
+    x.zoneout_h = q.zoneout_h != nullptr ? q.zoneout_h + t * B * a.P : nullptr;
+    x.zoneout_c = q.zoneout_c != nullptr ? q.zoneout_c + t * B * H : nullptr;
+    x.rec_mask = q.rec_mask;
+    x.hrec = q.rec_mask != nullptr ? hrec + (e * 2 + (s + 1) % 2) * B * a.P : nullptr;
   }
   return a;
 }
@@ -258,7 +314,7 @@ __host__ __device__ inline BackwardStep<T> backward_step_args(const BackwardPara
                                                               int G, int S, bool lstm,
                                                               int64_t s, acc_t<T>* dh,
                                                               acc_t<T>* dc, acc_t<T>* dm,
-                                                              T* dg) {
+                                                              T* dg, acc_t<T>* extra) {
   const int64_t Tn = p[0].T, B = p[0].B, H = p[0].H, P = p[0].P;
   const bool proj = p[0].w_hr != nullptr;
   BackwardStep<T> a;
@@ -280,8 +336,28 @@ __host__ __device__ inline BackwardStep<T> backward_step_args(const BackwardPara
     r.dgx = q.dgx + t * B * q.ldg;
     r.dgh = q.dgh + t * B * q.ldg;
     r.dg = dg != nullptr ? dg + e * B * G * H : nullptr;
+    // extra: the workspaces of backward_workspace_acc after dm (see there).
+    Extras<T>& x = r.x;
+    if (q.resets != nullptr) {
+      x.resets = q.resets;
+      x.steps = Tn;
+      x.reverse = q.reverse;
+      x.t_reset = t;
+      x.dh0acc = extra + (2 * D + e) * B * P;
+      x.dc0acc = lstm ? extra + 3 * D * B * P + e * B * H : nullptr;
+    }
+    x.zoneout_h = q.zoneout_h != nullptr ? q.zoneout_h + t * B * P : nullptr;
+    x.zoneout_c = q.zoneout_c != nullptr ? q.zoneout_c + t * B * H : nullptr;
+    x.dz = proj && q.zoneout_h != nullptr ? extra + e * B * P : nullptr;
+    x.rec_mask = q.rec_mask;
+    x.drec = q.rec_mask != nullptr ? extra + (D + e) * B * P : nullptr;
   }
   return a;
+}
+
+template <class Params>
+inline bool has_extras(const Params& p) {
+  return p.resets != nullptr || p.zoneout_h != nullptr || p.rec_mask != nullptr;
 }
 
 // Workspace sizes for D directions, in elements of acc_t<T> and of T.
@@ -290,14 +366,21 @@ inline int64_t forward_workspace_acc(const ForwardParams<T>& p, int gates, int D
   return D * (p.B * gates * p.H + p.B * p.H);  // gh [D, B, G*H], c [D, B, H]
 }
 template <class T>
-inline int64_t forward_workspace(const ForwardParams<T>& p, int D) {
+inline int64_t forward_states_workspace(const ForwardParams<T>& p, int D) {
   // Ping-pong states [D, 2, B, P] and the pre-projection outputs [D, B, H], when there is
   // nowhere to save them.
   return p.saving() ? 0 : D * (2 * p.B * p.P + (p.w_hr ? p.B * p.H : 0));
 }
 template <class T>
+inline int64_t forward_workspace(const ForwardParams<T>& p, int D) {
+  // Then, with recurrent dropout, hrec [D, 2, B, P]: ping-pong h * rec_mask.
+  return forward_states_workspace(p, D) + (p.rec_mask ? D * 2 * p.B * p.P : 0);
+}
+template <class T>
 inline int64_t backward_workspace_acc(const BackwardParams<T>& p, int D) {
-  return D * (p.B * p.P + 2 * p.B * p.H);  // dh [D, B, P], dc [D, B, H], dm [D, B, H]
+  // dh [D, B, P], dc [D, B, H], dm [D, B, H]; then, with resets, zoneout or recurrent
+  // dropout, dz [D, B, P], drec [D, B, P], dh0acc [D, B, P] and dc0acc [D, B, H].
+  return D * (p.B * p.P + 2 * p.B * p.H) + (has_extras(p) ? D * (3 * p.B * p.P + p.B * p.H) : 0);
 }
 template <class T>
 inline int64_t backward_workspace(const BackwardParams<T>& p, int gates, int D) {
@@ -332,16 +415,23 @@ cudaError_t forward(CellKind kind, const ForwardParams<T>* p, int D, const Gemm&
   A* c = gh + D * B * GH;  // [D, B, H]
   T* hbuf = ws;                  // [D, 2, B, P] (inference)
   T* mbuf = ws + D * 2 * B * P;  // [D, B, H] (inference with projection)
+  T* hrec = ws + forward_states_workspace(p[0], D);  // [D, 2, B, P] (recurrent dropout)
+  const bool dropout = p[0].rec_mask != nullptr;
 
-  if (lstm) {
-    for (int d = 0; d < D; ++d) FASTRNN_CUDA_TRY(convert(B * H, p[d].c0, c + d * B * H, stream));
+  for (int d = 0; d < D; ++d) {
+    if (lstm) FASTRNN_CUDA_TRY(convert(B * H, p[d].c0, c + d * B * H, stream));
+    if (dropout) FASTRNN_CUDA_TRY(multiply(B * P, p[d].h0, p[d].rec_mask, hrec + d * 2 * B * P, stream));
   }
   const T* w_hh[kMaxDirs] = {p[0].w_hh, p[D - 1].w_hh};
   const T* w_hr[kMaxDirs] = {p[0].w_hr, p[D - 1].w_hr};
   for (int64_t s = 0; s < Tn; ++s) {
     T* hout[kMaxDirs];
-    const ForwardStep<T> a = forward_step_args(p, D, G, S, lstm, s, gh, c, hbuf, mbuf, hout);
-    const T* hin[kMaxDirs] = {a.dir[0].hin, a.dir[1].hin};
+    const ForwardStep<T> a =
+        forward_step_args(p, D, G, S, lstm, s, gh, c, hbuf, mbuf, hrec, hout);
+    // The GEMM reads the state entering the step, or its copy times rec_mask.
+    const T* hin[kMaxDirs] = {dropout ? hrec + (s % 2) * B * P : a.dir[0].hin,
+                              dropout ? hrec + (D - 1) * 2 * B * P + (s % 2) * B * P
+                                      : a.dir[1].hin};
     T* m[kMaxDirs] = {a.dir[0].m, a.dir[1].m};
     const int64_t s_hin = dir_stride(hin, D), s_hout = dir_stride(hout, D);
     const int64_t s_m = dir_stride(m, D);
@@ -357,9 +447,10 @@ cudaError_t forward(CellKind kind, const ForwardParams<T>* p, int D, const Gemm&
       q.D = D; q.B = B; q.P = P; q.ldy = p[0].ldy; q.lengths = p[0].lengths;
       for (int d = 0; d < kMaxDirs; ++d) {
         q.dir[d].t = a.dir[d].t;
-        q.dir[d].hin = hin[d];
+        q.dir[d].hin = a.dir[d].hin;
         q.dir[d].hout = hout[d];
         q.dir[d].y = p[d < D ? d : 0].y + a.dir[d].t * B * p[0].ldy;
+        q.dir[d].x = a.dir[d].x;
       }
       FASTRNN_CUDA_TRY(project_step(q, stream));
     }
@@ -386,7 +477,13 @@ cudaError_t backward(CellKind kind, const BackwardParams<T>* p, int D, const Gem
   A* dh = ws_acc;          // [D, B, P]
   A* dc = dh + D * B * P;  // [D, B, H]
   A* dm = dc + D * B * H;  // [D, B, H]
+  A* extra = dm + D * B * H;  // dz, drec, dh0acc [D, B, P] and dc0acc [D, B, H] (extras)
   T* dg = ws;              // [D, B, G*H] (two directions)
+  const bool resets = p[0].resets != nullptr, dropout = p[0].rec_mask != nullptr;
+  if (resets) {
+    FASTRNN_CUDA_TRY(cudaMemsetAsync(extra + 2 * D * B * P, 0, D * (B * P + B * H) * sizeof(A),
+                                     stream));
+  }
 
   // Running gradients start at dh_n, dc_n (zero when absent).
   for (int d = 0; d < D; ++d) {
@@ -409,6 +506,8 @@ cudaError_t backward(CellKind kind, const BackwardParams<T>* p, int D, const Gem
       t[d] = time_of(s, Tn, q.reverse);
       dy[d] = q.dy ? q.dy + t[d] * B * q.ldy : nullptr;
     }
+    const BackwardStep<T> a = backward_step_args(p, D, G, S, lstm, s, dh, dc, dm,
+                                                 D > 1 ? dg : static_cast<T*>(nullptr), extra);
     if (proj) {  // dm = (dh + dy) W_hr on valid rows
       ProjectGradStep<T> q;
       q.D = D; q.B = B; q.P = P; q.ldy = p[0].ldy; q.lengths = p[0].lengths;
@@ -420,6 +519,7 @@ cudaError_t backward(CellKind kind, const BackwardParams<T>* p, int D, const Gem
         q.dir[d].dy = dy[d];
         q.dir[d].dh = dh + e * B * P;
         q.dir[d].dhtot = dhtot[d];
+        q.dir[d].x = a.dir[d].x;
       }
       const int64_t s_dhtot = dir_stride(dhtot, D);
       if (s_dhtot < 0) return cudaErrorInvalidValue;
@@ -428,22 +528,30 @@ cudaError_t backward(CellKind kind, const BackwardParams<T>* p, int D, const Gem
            dir_stride(w_hr, D), false, false, dm, H, B * H);
     }
 
-    const BackwardStep<T> a =
-        backward_step_args(p, D, G, S, lstm, s, dh, dc, dm, D > 1 ? dg : static_cast<T*>(nullptr));
     FASTRNN_CUDA_TRY(backward_step(kind, a, stream));
 
     // dh_prev = direct part + dgh W_hh. Padded rows have dgh = 0 and keep dh unchanged.
     // One direction reads dgh where it lies; two read the packed copy (their slices of
     // dgh lie in either order, which no batch stride >= 0 describes).
+    // With recurrent dropout the product goes to drec and is masked into dh after.
     const T* dgh0 = D > 1 ? static_cast<const T*>(dg) : a.dir[0].dgh;
     gemm(D, B, P, GH, dgh0, D > 1 ? GH : p[0].ldg, B * GH, w_hh[0], P, dir_stride(w_hh, D),
-         false, true, dh, P, B * P);
+         false, !dropout, dropout ? a.dir[0].x.drec : dh, P, B * P);
+    if (resets || dropout) FASTRNN_CUDA_TRY(backward_tail_step(a, stream));
   }
   for (int d = 0; d < D; ++d) {
-    FASTRNN_CUDA_TRY(convert(B * P, static_cast<const A*>(dh + d * B * P), p[d].dh0, stream));
-    if (lstm) {
-      FASTRNN_CUDA_TRY(convert(B * H, static_cast<const A*>(dc + d * B * H), p[d].dc0, stream));
+    const A* dh_first = dh + d * B * P;
+    const A* dc_first = dc + d * B * H;
+    if (resets) {  // dh0, dc0: the gradients gathered at resets plus those reaching step 0
+      A* dh0acc = extra + (2 * D + d) * B * P;
+      A* dc0acc = extra + 3 * D * B * P + d * B * H;
+      FASTRNN_CUDA_TRY(accumulate(B * P, dh_first, dh0acc, stream));
+      if (lstm) FASTRNN_CUDA_TRY(accumulate(B * H, dc_first, dc0acc, stream));
+      dh_first = dh0acc;
+      dc_first = dc0acc;
     }
+    FASTRNN_CUDA_TRY(convert(B * P, dh_first, p[d].dh0, stream));
+    if (lstm) FASTRNN_CUDA_TRY(convert(B * H, dc_first, p[d].dc0, stream));
   }
   return cudaSuccess;
 }
