@@ -144,6 +144,11 @@ __device__ __forceinline__ void block_products(const Layout& l, const T* x, int6
   }
 }
 
+// The units of this block: j0 .. j0 + units_here - 1 (the last block may have fewer).
+__device__ __forceinline__ int units_here(const Layout& l, int64_t H, int64_t j0) {
+  return static_cast<int>(H - j0 < l.units ? H - j0 : l.units);
+}
+
 template <class Cell, class T, int Dir>
 __device__ __forceinline__ void run_direction(const PersistentForward<T>& q) {
   using A = acc_t<T>;
@@ -152,7 +157,7 @@ __device__ __forceinline__ void run_direction(const PersistentForward<T>& q) {
   const ForwardParams<T>& pd = q.p[Dir];
   const int64_t Tn = pd.T, B = pd.B, H = pd.H, GH = G * H;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * q.l.units;
-  const int nu = static_cast<int>(H - j0 < q.l.units ? H - j0 : q.l.units);
+  const int nu = units_here(q.l, H, j0);
   extern __shared__ __align__(16) unsigned char smem[];
   T* w_s = reinterpret_cast<T*>(smem);                // [units, H, G4]: W_hh[g*H + j, k]
   A* x_s = reinterpret_cast<A*>(smem + q.l.w_bytes);  // [rows, xs]: staged states
@@ -197,7 +202,7 @@ __device__ __forceinline__ void run_direction(const PersistentBackward<T>& q) {
   const BackwardParams<T>& pd = q.p[Dir];
   const int64_t Tn = pd.T, B = pd.B, H = pd.H, GH = G * H;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * q.l.units;
-  const int nu = static_cast<int>(H - j0 < q.l.units ? H - j0 : q.l.units);
+  const int nu = units_here(q.l, H, j0);
   extern __shared__ __align__(16) unsigned char smem[];
   T* w_s = reinterpret_cast<T*>(smem);                // [units, G*H]: W_hh[r, j0 + u]
   A* x_s = reinterpret_cast<A*>(smem + q.l.w_bytes);  // [rows, xs]: staged dgh rows

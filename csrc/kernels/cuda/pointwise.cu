@@ -33,18 +33,34 @@ inline dim3 grid_for(int64_t n, int D) { return dim3(blocks_for(n), static_cast<
        i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 // ---- kernels -------------------------------------------------------------------------
-// Grid row blockIdx.y is the direction. Each kernel hands its direction's arguments to an
+// One step's kernel: Unit::run(s, s.dir[d], idx) for the n elements of every direction d.
+// Grid row blockIdx.y is the direction; each branch hands its direction's arguments to the
 // inlined body with a constant index, so they are read straight from the parameter bank.
-
-template <class Cell, class T>
-__global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardStep<T> s) {
-  FASTRNN_GRID_STRIDE(idx, s.B * s.H) {
+template <class Unit, class Step>
+__global__ void __launch_bounds__(kThreads) step_kernel(const Step s, int64_t n) {
+  FASTRNN_GRID_STRIDE(idx, n) {
     if (blockIdx.y == 0)
-      forward_unit<Cell>(s, s.dir[0], idx);
+      Unit::run(s, s.dir[0], idx);
     else
-      forward_unit<Cell>(s, s.dir[1], idx);
+      Unit::run(s, s.dir[1], idx);
   }
 }
+
+// The bodies (units.cuh and below), as types for step_kernel.
+template <class Cell>
+struct ForwardUnit {
+  template <class S, class Dir>
+  __device__ static void run(const S& s, const Dir& a, int64_t i) { forward_unit<Cell>(s, a, i); }
+};
+template <class Cell>
+struct BackwardUnit {
+  template <class S, class Dir>
+  __device__ static void run(const S& s, const Dir& a, int64_t i) { backward_unit<Cell>(s, a, i); }
+};
+struct BackwardTailUnit {
+  template <class S, class Dir>
+  __device__ static void run(const S& s, const Dir& a, int64_t i) { backward_tail_unit(s, a, i); }
+};
 
 template <class T>
 __device__ __forceinline__ void project_unit(const ProjectStep<T>& s, const ProjectStepDir<T>& a,
@@ -55,26 +71,6 @@ __device__ __forceinline__ void project_unit(const ProjectStep<T>& s, const Proj
                 a.y + b * s.ldy + q);
   else
     carry_state(a.x, s.P, b, q, a.hin, a.hout, a.y + b * s.ldy + q);
-}
-
-template <class T>
-__global__ void __launch_bounds__(kThreads) project_step_kernel(const ProjectStep<T> s) {
-  FASTRNN_GRID_STRIDE(idx, s.B * s.P) {
-    if (blockIdx.y == 0)
-      project_unit(s, s.dir[0], idx);
-    else
-      project_unit(s, s.dir[1], idx);
-  }
-}
-
-template <class Cell, class T>
-__global__ void __launch_bounds__(kThreads) backward_step_kernel(const BackwardStep<T> s) {
-  FASTRNN_GRID_STRIDE(idx, s.B * s.H) {
-    if (blockIdx.y == 0)
-      backward_unit<Cell>(s, s.dir[0], idx);
-    else
-      backward_unit<Cell>(s, s.dir[1], idx);
-  }
 }
 
 template <class T>
@@ -95,24 +91,22 @@ __device__ __forceinline__ void project_grad_unit(const ProjectGradStep<T>& s,
   a.dhtot[idx] = store<T>(v);
 }
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) project_grad_step_kernel(const ProjectGradStep<T> s) {
-  FASTRNN_GRID_STRIDE(idx, s.B * s.P) {
-    if (blockIdx.y == 0)
-      project_grad_unit(s, s.dir[0], idx);
-    else
-      project_grad_unit(s, s.dir[1], idx);
-  }
-}
+struct ProjectUnit {
+  template <class S, class Dir>
+  __device__ static void run(const S& s, const Dir& a, int64_t i) { project_unit(s, a, i); }
+};
+struct ProjectGradUnit {
+  template <class S, class Dir>
+  __device__ static void run(const S& s, const Dir& a, int64_t i) { project_grad_unit(s, a, i); }
+};
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) backward_tail_step_kernel(const BackwardStep<T> s) {
-  FASTRNN_GRID_STRIDE(idx, s.B * s.H) {
-    if (blockIdx.y == 0)
-      backward_tail_unit(s, s.dir[0], idx);
-    else
-      backward_tail_unit(s, s.dir[1], idx);
-  }
+// Enqueues step_kernel<Unit> over n elements per direction of a.
+template <class Unit, class Step>
+cudaError_t launch_step(const Step& a, int64_t n, cudaStream_t stream) {
+  if (a.D < 1 || a.D > kMaxDirs) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  step_kernel<Unit><<<grid_for(n, a.D), kThreads, 0, stream>>>(a, n);
+  return cudaGetLastError();
 }
 
 template <class In, class Out>
@@ -137,51 +131,35 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(int64_t n, const A
 
 template <class T>
 cudaError_t forward_step(CellKind kind, const ForwardStep<T>& a, cudaStream_t stream) {
-  const int64_t n = a.B * a.H;
-  if (a.D < 1 || a.D > kMaxDirs) return cudaErrorInvalidValue;
-  if (n == 0) return cudaSuccess;
+  cudaError_t err = cudaSuccess;
   with_cell(kind, [&](auto cell) {
-    forward_step_kernel<decltype(cell), T><<<grid_for(n, a.D), kThreads, 0, stream>>>(a);
+    err = launch_step<ForwardUnit<decltype(cell)>>(a, a.B * a.H, stream);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 template <class T>
 cudaError_t project_step(const ProjectStep<T>& a, cudaStream_t stream) {
-  const int64_t n = a.B * a.P;
-  if (a.D < 1 || a.D > kMaxDirs) return cudaErrorInvalidValue;
-  if (n == 0) return cudaSuccess;
-  project_step_kernel<T><<<grid_for(n, a.D), kThreads, 0, stream>>>(a);
-  return cudaGetLastError();
+  return launch_step<ProjectUnit>(a, a.B * a.P, stream);
 }
 
 template <class T>
 cudaError_t backward_step(CellKind kind, const BackwardStep<T>& a, cudaStream_t stream) {
-  const int64_t n = a.B * a.H;
-  if (a.D < 1 || a.D > kMaxDirs) return cudaErrorInvalidValue;
-  if (n == 0) return cudaSuccess;
+  cudaError_t err = cudaSuccess;
   with_cell(kind, [&](auto cell) {
-    backward_step_kernel<decltype(cell), T><<<grid_for(n, a.D), kThreads, 0, stream>>>(a);
+    err = launch_step<BackwardUnit<decltype(cell)>>(a, a.B * a.H, stream);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 template <class T>
 cudaError_t project_grad_step(const ProjectGradStep<T>& a, cudaStream_t stream) {
-  const int64_t n = a.B * a.P;
-  if (a.D < 1 || a.D > kMaxDirs) return cudaErrorInvalidValue;
-  if (n == 0) return cudaSuccess;
-  project_grad_step_kernel<T><<<grid_for(n, a.D), kThreads, 0, stream>>>(a);
-  return cudaGetLastError();
+  return launch_step<ProjectGradUnit>(a, a.B * a.P, stream);
 }
 
 template <class T>
 cudaError_t backward_tail_step(const BackwardStep<T>& a, cudaStream_t stream) {
-  const int64_t n = a.B * a.H;
-  if (a.D < 1 || a.D > kMaxDirs) return cudaErrorInvalidValue;
-  if (n == 0) return cudaSuccess;
-  backward_tail_step_kernel<T><<<grid_for(n, a.D), kThreads, 0, stream>>>(a);
-  return cudaGetLastError();
+  return launch_step<BackwardTailUnit>(a, a.B * a.H, stream);
 }
 
 template <class In, class Out>
