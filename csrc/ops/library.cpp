@@ -18,6 +18,7 @@
 
 #include "../kernels/cpu/kernels.h"
 #include "rnn_op.h"
+#include "saved_memory.h"
 
 namespace fastrnn {
 
@@ -111,6 +112,10 @@ PYBIND11_MODULE(_C, m) {
         "The CPU's features the kernels care about (CPUID flags)");
   m.def("set_cpu_kernels", &fastrnn::cpu::set_kernels, pybind11::arg("name"),
         "Use the named CPU kernels from now on; False if this CPU cannot run them");
+  m.def("release_saved_memory", &fastrnn::release_saved_memory,
+        "Free the cached blocks of the tensors CPU training forwards save for backward");
+  m.def("saved_memory_cached", &fastrnn::saved_memory_cached,
+        "Bytes of freed saved-tensor blocks held for reuse");
   m.def("cuda_persistent", &fastrnn::cuda_persistent,
         "Whether the CUDA forward and backward try the persistent kernels first");
   m.def("set_cuda_persistent", &fastrnn::set_cuda_persistent, pybind11::arg("on"),

@@ -1,4 +1,5 @@
 #include "rnn_op.h"
+#include "saved_memory.h"
 
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
@@ -144,10 +145,10 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
   a.y = at::empty({s.T, s.B, s.D * s.P}, x.options());  // directions side by side
   a.h_n = at::empty({s.D, s.B, s.P}, x.options());
   a.c_n = lstm ? at::empty({s.D, s.B, s.H}, x.options()) : empty0(x);
-  a.gates = save ? at::empty({s.D, s.T, s.B, s.S * s.H}, x.options()) : empty0(x);
-  a.hprev = save ? at::empty({s.D, s.T, s.B, s.P}, x.options()) : empty0(x);
-  a.cprev = save && lstm ? at::empty({s.D, s.T, s.B, s.H}, x.options()) : empty0(x);
-  a.m = save && s.proj ? at::empty({s.D, s.T, s.B, s.H}, x.options()) : empty0(x);
+  a.gates = save ? saved_empty({s.D, s.T, s.B, s.S * s.H}, x.options()) : empty0(x);
+  a.hprev = save ? saved_empty({s.D, s.T, s.B, s.P}, x.options()) : empty0(x);
+  a.cprev = save && lstm ? saved_empty({s.D, s.T, s.B, s.H}, x.options()) : empty0(x);
+  a.m = save && s.proj ? saved_empty({s.D, s.T, s.B, s.H}, x.options()) : empty0(x);
   ForwardOut out{a.y, a.h_n, a.c_n, a.gates, a.hprev, a.cprev, a.m};
   if (s.B == 0) return out;
   if (s.T == 0) {
@@ -212,9 +213,9 @@ ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx_, const a
   a.y = at::empty({s.T, s.B, s.D * s.H}, o);
   a.h_n = at::empty({s.D, s.B, s.H}, o);
   a.c_n = lstm ? at::empty({s.D, s.B, s.H}, o) : empty0(gx_);
-  a.gates = save ? at::empty({s.D, s.T, s.B, s.S * s.H}, o) : empty0(gx_);
-  a.hprev = save ? at::empty({s.D, s.T, s.B, s.H}, o) : empty0(gx_);
-  a.cprev = save && lstm ? at::empty({s.D, s.T, s.B, s.H}, o) : empty0(gx_);
+  a.gates = save ? saved_empty({s.D, s.T, s.B, s.S * s.H}, o) : empty0(gx_);
+  a.hprev = save ? saved_empty({s.D, s.T, s.B, s.H}, o) : empty0(gx_);
+  a.cprev = save && lstm ? saved_empty({s.D, s.T, s.B, s.H}, o) : empty0(gx_);
   a.ln_rstd = save ? at::zeros({s.D, s.T, s.B, 2}, o) : empty0(gx_);
   ForwardOut out{a.y, a.h_n, a.c_n, a.gates, a.hprev, a.cprev, a.ln_rstd};
   if (s.B == 0) return out;

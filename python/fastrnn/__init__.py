@@ -11,7 +11,7 @@ _register_when_onnxscript_loads()
 __all__ = [
     "functional", "reference",
     "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU",
-    "convert", "to_torch", "cpu_capabilities",
+    "convert", "to_torch", "cpu_capabilities", "empty_cache",
 ]
 
 
@@ -39,3 +39,19 @@ def cpu_capabilities():
             "features": list(_C.cpu_features()),
             "bfloat16": "bfloat16 GEMMs" if ops._BF16_DOT else "float32", "float16": "float32",
             "autocast_bfloat16": "bfloat16 GEMMs" if ops._BF16_DOT else "float32"}
+
+
+def empty_cache():
+    """Free the memory fastrnn keeps for reuse on the CPU, as ``torch.cuda.empty_cache()``
+    does for CUDA's caching allocator.
+
+    A training forward on the CPU saves large tensors for its backward (the gates, the
+    states entering each step). When they die, fastrnn keeps their blocks (4 MiB and up,
+    1 GiB in all at most) and hands them to the next training step, which asks for the
+    same sizes: fresh memory of that size would come from the OS as zero-filled pages
+    faulted in one by one on every step. This gives those blocks back to the OS, e.g.
+    when training is over. Tensors still alive keep theirs until they die.
+    """
+    from . import _C
+
+    _C.release_saved_memory()

@@ -370,23 +370,38 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
   };
 
   // The running rows [0, n) (a prefix) in tiles: tile(rows, blocks, i0, panel, u0, nu)
-  // (rows, blocks: std::integral_constant) for every tile, unit block by unit block so each
-  // block's panel is reused by every row tile while it is in L1/L2.
+  // (rows, blocks: std::integral_constant) for every tile. As in Gemm::run, the unit
+  // blocks go in groups whose panels stay in L2 together (about 512 KiB), and within a
+  // group each row tile runs over all its panels, so the tile's rows of h stay in L1.
+  const int64_t panel_bytes = P * G * width * static_cast<int64_t>(sizeof(T));
+  const int64_t group = std::max<int64_t>(1, (512 * 1024) / std::max<int64_t>(1, panel_bytes));
   auto for_tiles = [&](int64_t n, auto&& tile) {
     using One = std::integral_constant<int, 1>;
-    for (int64_t u = 0; u < blocks; ++u) {
-      const T* panel = w_rec.data + u * P * G * width;
-      const int64_t u0 = j0 + u * width, nu = std::min(width, j1 - u0);
-      if (narrow) {
-        with_rows<MRn>(n, [&](auto rows) {
-          tile(rows, std::integral_constant<int, NBn>{}, int64_t(0), panel, u0, nu);
+    auto block = [&](int64_t u, auto&& f) {
+      const int64_t u0 = j0 + u * width;
+      f(w_rec.data + u * P * G * width, u0, std::min(width, j1 - u0));
+    };
+    if (narrow) {
+      for (int64_t u = 0; u < blocks; ++u)
+        block(u, [&](const T* panel, int64_t u0, int64_t nu) {
+          with_rows<MRn>(n, [&](auto rows) {
+            tile(rows, std::integral_constant<int, NBn>{}, int64_t(0), panel, u0, nu);
+          });
         });
-        continue;
-      }
+      return;
+    }
+    for (int64_t g0 = 0; g0 < blocks; g0 += group) {
+      const int64_t g1 = std::min(blocks, g0 + group);
       int64_t i0 = 0;
       for (; i0 + MR <= n; i0 += MR)
-        tile(std::integral_constant<int, MR>{}, One{}, i0, panel, u0, nu);
-      with_rows<MR - 1>(n - i0, [&](auto rows) { tile(rows, One{}, i0, panel, u0, nu); });
+        for (int64_t u = g0; u < g1; ++u)
+          block(u, [&](const T* panel, int64_t u0, int64_t nu) {
+            tile(std::integral_constant<int, MR>{}, One{}, i0, panel, u0, nu);
+          });
+      for (int64_t u = g0; u < g1; ++u)
+        block(u, [&](const T* panel, int64_t u0, int64_t nu) {
+          with_rows<MR - 1>(n - i0, [&](auto rows) { tile(rows, One{}, i0, panel, u0, nu); });
+        });
     }
   };
 

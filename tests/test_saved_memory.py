@@ -1,0 +1,97 @@
+"""The CPU pool of the tensors a training forward saves for its backward
+(csrc/ops/saved_memory.h): blocks come back for the next step, whatever they held before
+is overwritten, and fastrnn.empty_cache() gives them back."""
+import pytest
+import torch
+
+import fastrnn
+from fastrnn import ops
+
+from test_functional import CELLS, call, grads, make_inputs
+from fastrnn import functional as F
+from fastrnn import reference as R
+
+# float64, T=50, B=64, H=176: every saved tensor is at least the pool's minimum of 4 MiB
+# (hprev: 50*64*176*8 bytes = 4.3 MiB).
+SIZE = (50, 64, 8, 176)
+MIN_BYTES = 4 << 20
+
+
+def saved_bytes(cell, T, B, H, itemsize=8):
+    gates = T * B * H * {"lstm": 4, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}[cell] * itemsize
+    state = T * B * H * itemsize
+    blocks = [gates, state] + ([state] if cell == "lstm" else [])
+    return sum(b for b in blocks if b >= MIN_BYTES)
+
+
+@pytest.fixture(autouse=True)
+def empty_pool():
+    fastrnn.empty_cache()
+    yield
+    fastrnn.empty_cache()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_blocks_are_reused_and_overwritten(cell):
+    """Blocks poisoned with NaN go back to the pool; the next training call takes them and
+    must match the per-step reference exactly as on fresh memory, with lengths (padded
+    rows) and in both directions."""
+    T, B, I, H = SIZE
+    inp = make_inputs(cell, T, B, I, H)
+    args = (cell, inp["x"].detach(), inp["h0"].detach()[None],
+            None if inp["c0"] is None else inp["c0"].detach()[None],
+            inp["w_ih"].detach()[None], inp["w_hh"].detach()[None],
+            inp["b_ih"].detach()[None], inp["b_hh"].detach()[None], None, None, False, True)
+    expected = saved_bytes(cell, T, B, H)
+    with torch.no_grad():
+        saved = ops.forward(*args)[3:6]
+    for t in saved:
+        t.fill_(float("nan"))
+    del t, saved
+    assert ops._C.saved_memory_cached() == expected
+    lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(3))
+    lengths[0] = T
+    for reverse in (False, True):
+        out = call(F, cell, inp, lengths, reverse)
+        assert ops._C.saved_memory_cached() == 0  # every cached block was taken
+        ref = call(R, cell, inp, lengths, reverse)
+        for a, e in zip(out, ref):
+            torch.testing.assert_close(a, e, atol=1e-10, rtol=0)
+        ga, ge = grads(out, inp), grads(ref, inp)
+        for k in ga:
+            torch.testing.assert_close(ga[k], ge[k], atol=1e-10, rtol=0)
+        del out
+        assert ops._C.saved_memory_cached() == expected  # back once the graph is gone
+
+
+def test_module_training_steps_reuse_the_same_blocks():
+    torch.manual_seed(0)
+    m = fastrnn.LSTM(16, 64, num_layers=2).double()
+    x = torch.randn(50, 64, 16, dtype=torch.float64)
+    grads_per_step = []
+    for _ in range(3):
+        m.zero_grad()
+        y, _ = m(x)
+        y.square().sum().backward()
+        grads_per_step.append([p.grad.clone() for p in m.parameters()])
+        cached = ops._C.saved_memory_cached()
+        assert cached == 2 * saved_bytes("lstm", 50, 64, 64)
+    for later in grads_per_step[1:]:
+        for a, b in zip(grads_per_step[0], later):
+            assert torch.equal(a, b)
+    fastrnn.empty_cache()
+    assert ops._C.saved_memory_cached() == 0
+
+
+def test_saved_tensors_are_ordinary_tensors():
+    """A pooled tensor resizes, and its new memory also returns to the pool."""
+    inp = make_inputs("gru", *SIZE)
+    with torch.no_grad():
+        gates = ops.forward("gru", inp["x"].detach(), inp["h0"].detach()[None], None,
+                            inp["w_ih"].detach()[None], inp["w_hh"].detach()[None], None, None,
+                            None, None, False, True)[3]
+    assert gates.nbytes >= MIN_BYTES
+    gates.resize_(gates.numel() * 2)
+    gates[-1] = 1.0
+    del gates
+    assert ops._C.saved_memory_cached() >= 2 * MIN_BYTES
