@@ -53,19 +53,21 @@ def test_half_layer_is_the_float32_layer_rounded(name, dtype):
         torch.testing.assert_close(a, b.to(dtype), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("batch", [4, 1])
 @pytest.mark.parametrize("autocast", [False, True], ids=["model", "autocast"])
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_half_error_within_twice_torch(kind, dtype, autocast):
+def test_half_error_within_twice_torch(kind, dtype, autocast, batch):
     """Error against float64 of the outputs, final states and every gradient: at most 2x
     that of torch.nn's own in the same dtype (norm-wise), for a model in that dtype and
     for a float32 model under CPU autocast to it (fastrnn's large GEMMs then take bf16
-    operands where the CPU has bf16 dot products)."""
+    operands where the CPU has bf16 dot products, and at batch 1 the recurrent product
+    too where it has AVX512_BF16)."""
     if autocast and dtype == torch.float16 and kind == "LSTM":
         pytest.skip("torch.nn.LSTM has no CPU float16 autocast (oneDNN lacks the primitive)")
     torch.manual_seed(0)
     ref = getattr(torch.nn, kind)(16, 32, num_layers=2).double()
-    x = torch.randn(20, 4, 16, dtype=torch.float64)
+    x = torch.randn(20, batch, 16, dtype=torch.float64)
 
     def run(model, dtype):
         m = getattr(torch.nn if model == "torch" else fastrnn, kind)(16, 32, num_layers=2)
@@ -122,3 +124,77 @@ def test_autocast_bf16_gemms_follow_the_cpu_features():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = half(xh)[0]
     assert torch.equal(half(xh)[0], mixed)
+
+
+def bf16(t):
+    return t.to(torch.bfloat16).double()
+
+
+def rounded_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, rec_mask, bf16_step):
+    """One direction of fastrnn::forward with bf16_gemms=True, in float64: the input
+    projection from bfloat16 operands, its product rounded to bfloat16 (as torch's autocast
+    matmul), plus b_ih; the recurrent product from W_hh and the h fed to it (h * rec_mask)
+    rounded to bfloat16 when bf16_step, exact otherwise. Returns y [T, B, P]."""
+    gx = bf16(bf16(x) @ bf16(w_ih).t()) + b_ih.double()
+    w = bf16(w_hh) if bf16_step else w_hh.double()
+    h, c, ys = h0.double(), None if c0 is None else c0.double(), []
+    for t in range(x.shape[0]):
+        hin = h * rec_mask.double() if rec_mask is not None else h
+        hg = (bf16(hin) if bf16_step else hin) @ w.t() + b_hh.double()
+        if cell == "lstm":
+            i, f, g, o = (gx[t] + hg).chunk(4, 1)
+            c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+            h = o.sigmoid() * c.tanh()
+            if w_hr is not None:
+                h = h @ w_hr.double().t()
+        elif cell == "gru":
+            (xr, xz, xn), (hr, hz, hn) = gx[t].chunk(3, 1), hg.chunk(3, 1)
+            r, z = (xr + hr).sigmoid(), (xz + hz).sigmoid()
+            h = (1 - z) * (xn + r * hn).tanh() + z * h
+        else:
+            h = (gx[t] + hg).tanh()
+        ys.append(h)
+    return torch.stack(ys)
+
+
+BF16_STEP = "avx512_bf16" in fastrnn.cpu_capabilities()["features"]
+
+
+@pytest.mark.parametrize("case", [
+    ("lstm", 1, 37, 0, False), ("lstm", 1, 300, 0, False), ("lstm", 2, 40, 7, False),
+    ("gru", 1, 300, 0, False), ("gru", 1, 37, 0, True), ("rnn_tanh", 3, 300, 0, True),
+    ("lstm", 8, 64, 0, False), ("rnn_tanh", 16, 300, 0, False),
+], ids=lambda c: "%s-B%d-H%d-proj%d%s" % (c[0], c[1], c[2], c[3], "-recdrop" if c[4] else ""))
+def test_bf16_recurrent_step(case):
+    """With bf16 GEMMs (CPU bf16 autocast) and a batch small enough for the narrow tiles,
+    a CPU with AVX512_BF16 also runs the recurrent product from bfloat16 W_hh and h: the
+    result is the bfloat16-rounding reference, within float32 rounding. Elsewhere (larger
+    batches, other CPUs and instruction sets) the recurrent product stays float32."""
+    from fastrnn import ops
+
+    cell, B, H, proj, recdrop = case
+    T, I, P = 6, 9, proj or H
+    G = {"lstm": 4, "gru": 3, "rnn_tanh": 1}[cell]
+    g = torch.Generator().manual_seed(B * 1000 + H)
+    u = lambda *s: (torch.rand(*s, generator=g) * 2 - 1) / H ** 0.5  # noqa: E731
+    x, h0 = torch.randn(T, B, I, generator=g), torch.randn(B, P, generator=g)
+    c0 = torch.randn(B, H, generator=g) if cell == "lstm" else None
+    w_ih, w_hh, b_ih, b_hh = u(G * H, I), u(G * H, P), u(G * H), u(G * H)
+    w_hr = u(P, H) if proj else None
+    mask = (torch.rand(B, P, generator=g) > 0.3).float() / 0.7 if recdrop else None
+    narrow = B <= {"lstm": 3, "gru": 2, "rnn_tanh": 3}[cell]  # Isa::narrow_rows on AVX-512
+    step = narrow and fastrnn.cpu_capabilities()["bfloat16_recurrent_step"]
+    assert fastrnn.cpu_capabilities()["bfloat16_recurrent_step"] == (
+        BF16_STEP and ops._C.cpu_kernels() == "avx512" and ops._BF16_DOT)
+    d = lambda t: None if t is None else t[None]  # noqa: E731
+    with torch.no_grad():
+        y = ops.forward(cell, x, h0[None], d(c0), w_ih[None], w_hh[None], b_ih[None],
+                        b_hh[None], d(w_hr), None, False, False, None, None, None, d(mask),
+                        ops._BF16_DOT)[0]
+    if not ops._BF16_DOT:
+        pytest.skip("no bf16 GEMMs on this CPU: the float32 layer runs (test_half_*)")
+    want = rounded_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, mask, step)
+    other = rounded_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, mask, not step)
+    err = (y.double() - want).abs().max().item()
+    assert err < 2e-5, err
+    assert (y.double() - other).abs().max().item() > 20 * err  # the other path is told apart

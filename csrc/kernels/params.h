@@ -54,6 +54,10 @@ struct ForwardParams {
   Scalar* cprev = nullptr;          // [T, B, H] LSTM cell state entering time t
   Scalar* m = nullptr;              // [T, B, H] LSTM output before projection (proj only)
   bool saving() const { return gates != nullptr; }
+  // The recurrent product h W_hh^T with bfloat16 operands (W_hh and the h fed to it rounded
+  // once), float32 sums, where the kernels have it (float32 on a CPU with AVX512_BF16,
+  // cells without LayerNorm); the rest of the step stays in Scalar.
+  bool bf16_step = false;
 };
 
 template <class Scalar>

@@ -174,6 +174,7 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
   a.w_hr = contig(w_hr);
   a.h0 = h0.contiguous();
   a.c0 = contig(c0);
+  a.bf16_step = bf16_gemms && !x.is_cuda();
   set_extras(a, lengths, resets, zoneout_h, zoneout_c, rec_mask);
   if (x.is_cuda())
     cuda_forward_loop(a);

@@ -92,6 +92,7 @@ struct LoopTensors {
   // LayerNorm cells (ln_w defined): LN_hh, LN_c, the saved 1/std; backward's draw, dlnc.
   at::Tensor ln_w, ln_b, lnc_w, lnc_b, gx_w, gx_b, ln_rstd, draw, dlnc;
   double eps = 0;
+  bool bf16_step = false;  // ForwardParams::bf16_step
 };
 
 // T: the tensor's scalar type; E: the element type the kernels see, of the same layout
@@ -136,6 +137,7 @@ ForwardParams<E> forward_params(const LoopTensors& a, int d) {
   p.lnc_w = cptr<T, E>(at_d(a.lnc_w)); p.lnc_b = cptr<T, E>(at_d(a.lnc_b));
   p.gx_w = cptr<T, E>(at_d(a.gx_w)); p.gx_b = cptr<T, E>(at_d(a.gx_b));
   p.eps = a.eps; p.ln_rstd = mptr<T, E>(at_d(a.ln_rstd));
+  p.bf16_step = a.bf16_step;
   return p;
 }
 

@@ -32,13 +32,22 @@ def cpu_capabilities():
       "bfloat16 GEMMs": the large GEMMs (input projection, dx, weight gradients) take
       bfloat16 operands (oneDNN, through torch), on a CPU with AVX512_BF16 or AMX-BF16;
       the recurrence stays in float32. Elsewhere "float32", as for float16 autocast.
+    - ``bfloat16_recurrent_step``: whether, on those bfloat16 paths, the recurrent product
+      h W_hh^T of small batches (the kernels' narrow tiles: at most 3 rows for LSTM and
+      RNN, 2 for GRU) also takes bfloat16 operands (W_hh and the h fed to it rounded once,
+      float32 sums; cells without LayerNorm): on a CPU with AVX512_BF16 running the avx512
+      kernels. Such a step streams half the bytes of W_hh. Larger batches keep a float32
+      step: it is bound by multiply-adds there, which bf16 dot products do not speed up on
+      every CPU.
     """
     from . import _C, ops
 
     return {"kernels": _C.cpu_kernels(), "supported_kernels": list(_C.supported_cpu_kernels()),
             "features": list(_C.cpu_features()),
             "bfloat16": "bfloat16 GEMMs" if ops._BF16_DOT else "float32", "float16": "float32",
-            "autocast_bfloat16": "bfloat16 GEMMs" if ops._BF16_DOT else "float32"}
+            "autocast_bfloat16": "bfloat16 GEMMs" if ops._BF16_DOT else "float32",
+            "bfloat16_recurrent_step": ops._BF16_DOT and _C.cpu_kernels() == "avx512"
+            and "avx512_bf16" in _C.cpu_features()}
 
 
 def empty_cache():

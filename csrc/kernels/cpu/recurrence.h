@@ -26,6 +26,9 @@
 #include "../params.h"
 #include "gemm.h"
 #include "kernels.h"
+#ifdef FASTRNN_CPU_BF16
+#include "bf16_dot.h"
+#endif
 #include "layer_norm.h"
 #include "simd.h"
 
@@ -137,13 +140,13 @@ struct StepIo {
   bool save, proj;
 };
 
-// One fused tile: rows [i0, i0 + MR) x all G gates of units [u0, u0 + nu) (nu <= NB*L),
-// from one panel of pack_gates. The K loop accumulates h W_hh^T in registers; the gate
-// math then runs on the accumulators and writes h (to y, or to mbuf for the projection),
-// c and the saved values.
-template <class Cell, int MR, int NB, class V, class T>
-FASTRNN_INLINE void fused_tile(const ForwardParams<T>& p, const StepIo<T>& io, const T* panel,
-                               int64_t i0, int64_t u0, int64_t nu) {
+// One fused tile: rows [i0, i0 + MR) x all G gates of units [u0, u0 + nu) (nu <= NB*L).
+// product(acc) accumulates h W_hh^T of those rows and units in registers (from one panel of
+// pack_gates, or of pack_gates_bf16); the gate math then runs on the accumulators and
+// writes h (to y, or to mbuf for the projection), c and the saved values.
+template <class Cell, int MR, int NB, class V, class T, class Product>
+FASTRNN_INLINE void fused_tile(const ForwardParams<T>& p, const StepIo<T>& io, int64_t i0,
+                               int64_t u0, int64_t nu, Product&& product) {
   constexpr int G = Cell::kGates, S = Cell::kSaved, L = V::kLanes;
   const int64_t H = p.H, P = p.P;
   V acc[MR][NB * G];
@@ -151,7 +154,7 @@ FASTRNN_INLINE void fused_tile(const ForwardParams<T>& p, const StepIo<T>& io, c
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 16
     for (int v = 0; v < NB * G; ++v) acc[r][v] = V(T(0));
-  tile_acc<MR, NB * G>(P, io.hrec + i0 * P, P, 1, panel, acc);
+  product(acc);
 
 #pragma GCC unroll 8
   for (int b = 0; b < NB; ++b) {
@@ -304,12 +307,48 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
   const bool narrow = B <= MRn;
   const int64_t width = (narrow ? NBn : 1) * L;  // units per panel
   const int64_t blocks = (hs + width - 1) / width;
+  // bf16 step (p.bf16_step on a CPU with AVX512_BF16, narrow tiles only: bf16_dot.h): W_hh
+  // as bf16 pairs instead, and the h that feeds it rounded once per step into hb (pairs,
+  // ping-pong [2, Bn, K2], schedule order, in the team's workspace where LayerNorm cells
+  // keep raw) by the thread that wrote it.
+#ifdef FASTRNN_CPU_BF16
+  const bool bf16 = std::is_same_v<T, float> && !Cell::kLayerNorm && p.bf16_step && narrow &&
+                    has_bf16_dot();
+#else
+  constexpr bool bf16 = false;
+#endif
+  const int64_t K2 = (P + 1) / 2;
   Buffer<T> w_rec;
-  w_rec.resize(std::max<int64_t>(1, blocks * P * G * width));
-  if (narrow)
-    pack_gates<G, NBn, V>(p.w_hh, H, P, j0, hs, w_rec.data);
-  else
-    pack_gates<G, 1, V>(p.w_hh, H, P, j0, hs, w_rec.data);
+  Buffer<int32_t> w16;
+  int32_t* hb = reinterpret_cast<int32_t*>(hdrop + 2 * Bn * P);  // [2, Bn, K2]
+  if (bf16) {
+#ifdef FASTRNN_CPU_BF16
+    using VI = Vec<int32_t, L>;
+    w16.resize(std::max<int64_t>(1, blocks * K2 * G * width));
+    if constexpr (std::is_same_v<T, float>) {
+      if (narrow)
+        pack_gates_bf16<G, NBn, VI>(p.w_hh, H, P, j0, hs, w16.data);
+      else
+        pack_gates_bf16<G, 1, VI>(p.w_hh, H, P, j0, hs, w16.data);
+    }
+#endif
+  } else {
+    w_rec.resize(std::max<int64_t>(1, blocks * P * G * width));
+    if (narrow)
+      pack_gates<G, NBn, V>(p.w_hh, H, P, j0, hs, w_rec.data);
+    else
+      pack_gates<G, 1, V>(p.w_hh, H, P, j0, hs, w_rec.data);
+  }
+  // This thread's columns of the h that feeds the next step's W_hh, as bf16 pairs, into
+  // slot k of hb.
+  auto round_h = [&](const T* h, int64_t k) {
+#ifdef FASTRNN_CPU_BF16
+    if constexpr (std::is_same_v<T, float>)
+      for (int64_t i = 0; i < Bn; ++i)
+        to_bf16_pairs(h + i * P, p0, p1, P, hb + (k * Bn + i) * K2);
+#endif
+    (void)h, (void)k;
+  };
   Buffer<T> w_proj_mem;
   Panels<T> w_proj{nullptr, H, proj ? ps : 0, Gemm::kWidth};
   if (w_proj.N > 0) {
@@ -333,6 +372,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
     if (Cell::kHasCell) std::copy(p.c0 + order[i] * H + j0, p.c0 + order[i] * H + j1, cbuf + i * H + j0);
   }
   if (p.rec_mask) drop(hbuf, hdrop);
+  if (bf16) round_h(p.rec_mask ? hdrop : hbuf, 0);
   team.sync();  // the first step reads every column of h
 
   // Zoneout of step s at time t for the running rows (this thread's columns): each unit
@@ -369,24 +409,20 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
     }
   };
 
-  // The running rows [0, n) (a prefix) in tiles: tile(rows, blocks, i0, panel, u0, nu)
-  // (rows, blocks: std::integral_constant) for every tile. As in Gemm::run, the unit
-  // blocks go in groups whose panels stay in L2 together (about 512 KiB), and within a
-  // group each row tile runs over all its panels, so the tile's rows of h stay in L1.
-  const int64_t panel_bytes = P * G * width * static_cast<int64_t>(sizeof(T));
+  // The running rows [0, n) (a prefix) in tiles: tile(rows, blocks, i0, u, u0, nu) (rows,
+  // blocks: std::integral_constant) for every tile, u the unit block (panel) and [u0, u0 +
+  // nu) its units. As in Gemm::run, the unit blocks go in groups whose panels stay in L2
+  // together (about 512 KiB), and within a group each row tile runs over all its panels,
+  // so the tile's rows of h stay in L1.
+  const int64_t panel_bytes = (bf16 ? 2 * K2 * 2 : P * static_cast<int64_t>(sizeof(T))) * G * width;
   const int64_t group = std::max<int64_t>(1, (512 * 1024) / std::max<int64_t>(1, panel_bytes));
   auto for_tiles = [&](int64_t n, auto&& tile) {
     using One = std::integral_constant<int, 1>;
-    auto block = [&](int64_t u, auto&& f) {
-      const int64_t u0 = j0 + u * width;
-      f(w_rec.data + u * P * G * width, u0, std::min(width, j1 - u0));
-    };
+    auto units = [&](int64_t u) { return std::min(width, j1 - j0 - u * width); };
     if (narrow) {
       for (int64_t u = 0; u < blocks; ++u)
-        block(u, [&](const T* panel, int64_t u0, int64_t nu) {
-          with_rows<MRn>(n, [&](auto rows) {
-            tile(rows, std::integral_constant<int, NBn>{}, int64_t(0), panel, u0, nu);
-          });
+        with_rows<MRn>(n, [&](auto rows) {
+          tile(rows, std::integral_constant<int, NBn>{}, int64_t(0), u, j0 + u * width, units(u));
         });
       return;
     }
@@ -395,12 +431,10 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
       int64_t i0 = 0;
       for (; i0 + MR <= n; i0 += MR)
         for (int64_t u = g0; u < g1; ++u)
-          block(u, [&](const T* panel, int64_t u0, int64_t nu) {
-            tile(std::integral_constant<int, MR>{}, One{}, i0, panel, u0, nu);
-          });
+          tile(std::integral_constant<int, MR>{}, One{}, i0, u, j0 + u * width, units(u));
       for (int64_t u = g0; u < g1; ++u)
-        block(u, [&](const T* panel, int64_t u0, int64_t nu) {
-          with_rows<MR - 1>(n - i0, [&](auto rows) { tile(rows, One{}, i0, panel, u0, nu); });
+        with_rows<MR - 1>(n - i0, [&](auto rows) {
+          tile(rows, One{}, i0, u, j0 + u * width, units(u));
         });
     }
   };
@@ -416,9 +450,9 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
   auto ln_cells = [&](auto cell, const StepIo<T>& io, int64_t t, int64_t n) {
     using C = decltype(cell);
     const int64_t GH = G * H;
-    for_tiles(n, [&](auto rows, auto nb, int64_t i0, const T* panel, int64_t u0, int64_t nu) {
-      raw_tile<G, decltype(rows)::value, decltype(nb)::value, V>(P, H, io.hrec, panel, i0, u0,
-                                                                   nu, raw);
+    for_tiles(n, [&](auto rows, auto nb, int64_t i0, int64_t u, int64_t u0, int64_t nu) {
+      raw_tile<G, decltype(rows)::value, decltype(nb)::value, V>(
+          P, H, io.hrec, w_rec.data + u * P * G * width, i0, u0, nu, raw);
     });
     for (int64_t i = 0; i < n; ++i)
       for (int64_t k = k0; k < k1; ++k)
@@ -498,8 +532,20 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
     if constexpr (Cell::kLayerNorm) {
       ln_cells(Cell{}, io, t, n);
     } else {
-      for_tiles(n, [&](auto rows, auto nb, int64_t i0, const T* panel, int64_t u0, int64_t nu) {
-        fused_tile<Cell, decltype(rows)::value, decltype(nb)::value, V>(p, io, panel, i0, u0, nu);
+      for_tiles(n, [&](auto rows, auto nb, int64_t i0, int64_t u, int64_t u0, int64_t nu) {
+        constexpr int R = decltype(rows)::value, NB = decltype(nb)::value;
+        fused_tile<Cell, R, NB, V>(p, io, i0, u0, nu, [&](V (&acc)[R][NB * G]) {
+#ifdef FASTRNN_CPU_BF16
+          if constexpr (std::is_same_v<T, float>) {
+            if (bf16) {
+              tile_acc_bf16<R, NB * G>(K2, hb + ((s % 2) * Bn + i0) * K2, K2,
+                                       w16.data + u * K2 * G * width, acc);
+              return;
+            }
+          }
+#endif
+          tile_acc<R, NB * G>(P, io.hrec + i0 * P, P, 1, w_rec.data + u * P * G * width, acc);
+        });
       });
     }
 
@@ -525,6 +571,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
       zoneout(io, t, n);
       reset_next(io, s);
       if (p.rec_mask && s + 1 < Tn) drop(io.hout, hdrop + ((s + 1) % 2) * Bn * P);
+      if (bf16 && s + 1 < Tn) round_h((p.rec_mask ? hdrop : hbuf) + ((s + 1) % 2) * Bn * P, (s + 1) % 2);
     }
     team.sync();
 
@@ -536,6 +583,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
       zoneout(io, t, n);
       reset_next(io, s);  // after y took this step's h
       if (p.rec_mask && s + 1 < Tn) drop(io.hout, hdrop + ((s + 1) % 2) * Bn * P);
+      if (bf16 && s + 1 < Tn) round_h((p.rec_mask ? hdrop : hbuf) + ((s + 1) % 2) * Bn * P, (s + 1) % 2);
       team.sync();
     }
   }

@@ -1,0 +1,114 @@
+// bfloat16 products for the recurrent step of a float32 layer (AVX512_BF16's vdpbf16ps):
+// W_hh and the h fed to it are rounded to bfloat16 once, each product pair is summed in
+// float32. Half the bytes of a float32 W_hh to stream every step, which is what bounds a
+// small batch's step. Only in the AVX-512 kernels (FASTRNN_CPU_BF16), and only called on a
+// CPU with the avx512_bf16 flag, for batches that take the narrow tiles: a larger batch's
+// step is bound by multiply-adds, and vdpbf16ps does no more of them per cycle than float32
+// FMAs on Intel cores (measured on a Xeon with AMX: 30% slower at B=16..64).
+//
+// Layout: a vector of 32 bfloat16 holds, in 32-bit lane l, the pair (k, k + 1) of column l,
+// so one vdpbf16ps adds a[k] * b[k][l] + a[k+1] * b[k+1][l] to lane l. A row of values
+// converted to bfloat16 in order is already a run of such pairs (little-endian: k in the low
+// half); rows of odd length end with a zero.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+
+#include "gemm.h"
+#include "kernels.h"
+
+namespace fastrnn {
+namespace cpu {
+inline namespace FASTRNN_CPU_ISA {
+
+// Whether this CPU has AVX512_BF16 (its CPUID flags, read once).
+inline bool has_bf16_dot() {
+  static const bool on = [] {
+    const std::vector<std::string> f = cpu_features();
+    return std::find(f.begin(), f.end(), "avx512_bf16") != f.end();
+  }();
+  return on;
+}
+
+// Bits of bf16(x), rounded to nearest even; a NaN stays a (quiet) NaN.
+FASTRNN_INLINE uint32_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;
+}
+
+// Values [k0, k1) of src (k0 even) as pairs: out[k / 2] for k = k0, k0 + 2, ...; a value at
+// or past n (the row's length) is zero. Pairs are int32_t, the lane type of Vec<int32_t>.
+FASTRNN_INLINE void to_bf16_pairs(const float* src, int64_t k0, int64_t k1, int64_t n,
+                                  int32_t* out) {
+  int64_t k = k0;
+  for (; k + 1 < k1 && k + 1 < n; k += 2)
+    out[k / 2] = static_cast<int32_t>(bf16_bits(src[k]) | bf16_bits(src[k + 1]) << 16);
+  for (; k < k1; k += 2) out[k / 2] = k < n ? static_cast<int32_t>(bf16_bits(src[k])) : 0;
+}
+
+// W_hh rows of units [j0, j0 + hs) as pairs, laid out as pack_gates lays out float32 with
+// pairs for values: block u is a panel [K2][NB][G][L] of pairs (K2 = ceil(P / 2)), unit
+// j = j0 + (u*NB + b)*L + l, zero past hs. VI: the int32_t vector of L lanes.
+// w_hh: [G*H, P]; out: [ceil(hs / (NB*L))][K2][NB][G][L].
+template <int G, int NB, class VI>
+void pack_gates_bf16(const float* w_hh, int64_t H, int64_t P, int64_t j0, int64_t hs,
+                     int32_t* out) {
+  constexpr int L = VI::kLanes, W = NB * G * L;
+  const int64_t K2 = (P + 1) / 2;
+  std::unique_ptr<int32_t[]> rows(new int32_t[L * K2]);  // L rows of pairs
+  for (int64_t u = 0; u * NB * L < hs; ++u)
+    for (int b = 0; b < NB; ++b)
+      for (int g = 0; g < G; ++g) {
+        const int64_t j = (u * NB + b) * L, n = std::clamp<int64_t>(hs - j, 0, L);
+        for (int64_t l = 0; l < n; ++l)
+          to_bf16_pairs(w_hh + (g * H + j0 + j + l) * P, 0, 2 * K2, P, rows.get() + l * K2);
+        transpose_pack<VI>(rows.get(), K2, n, K2, out + u * K2 * W + (b * G + g) * L, W);
+      }
+}
+
+// acc[r][v] += sum over k of a[r, k] * panel[k][v*16 .. v*16 + 16), with a's pairs at
+// a[r * ars + k2] and the panel [K2][NV * 16] pairs (K2 = pairs per row). Out of line: its
+// instruction set is the CPU's, not the whole file's; the accumulators pass through
+// memory once per tile, against K2 iterations of MR * NV products.
+template <int MR, int NV, class V>
+__attribute__((target("avx512bf16"), noinline)) void tile_acc_bf16(int64_t K2, const int32_t* a,
+                                                                   int64_t ars,
+                                                                   const int32_t* panel,
+                                                                   V (&acc)[MR][NV]) {
+  constexpr int W = NV * 16;
+  __m512 c[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) c[r][v] = acc[r][v].v;
+  for (int64_t k = 0; k < K2; ++k, panel += W, ++a) {
+    if constexpr (MR > 2) {
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) __builtin_prefetch(panel + 16 * W + v * 16);
+    }
+    __m512bh b[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(panel + v * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh ar = (__m512bh)_mm512_set1_epi32(a[r * ars]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], ar, b[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[r][v].v = c[r][v];
+}
+
+}  // namespace FASTRNN_CPU_ISA
+}  // namespace cpu
+}  // namespace fastrnn
