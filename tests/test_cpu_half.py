@@ -161,15 +161,16 @@ BF16_STEP = "avx512_bf16" in fastrnn.cpu_capabilities()["features"]
 
 
 @pytest.mark.parametrize("case", [
-    ("lstm", 1, 37, 0, False), ("lstm", 1, 300, 0, False), ("lstm", 2, 40, 7, False),
-    ("gru", 1, 300, 0, False), ("gru", 1, 37, 0, True), ("rnn_tanh", 3, 300, 0, True),
-    ("lstm", 8, 64, 0, False), ("rnn_tanh", 16, 300, 0, False),
+    ("lstm", 1, 37, 0, False), ("lstm", 1, 300, 0, False), ("lstm", 2, 256, 129, False),
+    ("gru", 1, 211, 0, True), ("gru", 1, 37, 0, True), ("rnn_tanh", 3, 400, 0, True),
+    ("lstm", 8, 64, 0, False), ("rnn_tanh", 16, 300, 0, False), ("rnn_tanh", 1, 300, 0, False),
 ], ids=lambda c: "%s-B%d-H%d-proj%d%s" % (c[0], c[1], c[2], c[3], "-recdrop" if c[4] else ""))
 def test_bf16_recurrent_step(case):
-    """With bf16 GEMMs (CPU bf16 autocast) and a batch small enough for the narrow tiles,
-    a CPU with AVX512_BF16 also runs the recurrent product from bfloat16 W_hh and h: the
-    result is the bfloat16-rounding reference, within float32 rounding. Elsewhere (larger
-    batches, other CPUs and instruction sets) the recurrent product stays float32."""
+    """With bf16 GEMMs (CPU bf16 autocast), a batch small enough for the narrow tiles and a
+    W_hh of 512 KiB or more in float32, a CPU with AVX512_BF16 also runs the recurrent
+    product from bfloat16 W_hh and h: the result is the bfloat16-rounding reference, within
+    float32 rounding. Elsewhere (larger batches, smaller W_hh, other CPUs and instruction
+    sets) the recurrent product stays float32."""
     from fastrnn import ops
 
     cell, B, H, proj, recdrop = case
@@ -183,7 +184,8 @@ def test_bf16_recurrent_step(case):
     w_hr = u(P, H) if proj else None
     mask = (torch.rand(B, P, generator=g) > 0.3).float() / 0.7 if recdrop else None
     narrow = B <= {"lstm": 3, "gru": 2, "rnn_tanh": 3}[cell]  # Isa::narrow_rows on AVX-512
-    step = narrow and fastrnn.cpu_capabilities()["bfloat16_recurrent_step"]
+    step = narrow and G * H * P * 4 >= 512 << 10 and fastrnn.cpu_capabilities()[
+        "bfloat16_recurrent_step"]
     assert fastrnn.cpu_capabilities()["bfloat16_recurrent_step"] == (
         BF16_STEP and ops._C.cpu_kernels() == "avx512" and ops._BF16_DOT)
     d = lambda t: None if t is None else t[None]  # noqa: E731

@@ -34,11 +34,11 @@ def cpu_capabilities():
       the recurrence stays in float32. Elsewhere "float32", as for float16 autocast.
     - ``bfloat16_recurrent_step``: whether, on those bfloat16 paths, the recurrent product
       h W_hh^T of small batches (the kernels' narrow tiles: at most 3 rows for LSTM and
-      RNN, 2 for GRU) also takes bfloat16 operands (W_hh and the h fed to it rounded once,
-      float32 sums; cells without LayerNorm): on a CPU with AVX512_BF16 running the avx512
-      kernels. Such a step streams half the bytes of W_hh. Larger batches keep a float32
-      step: it is bound by multiply-adds there, which bf16 dot products do not speed up on
-      every CPU.
+      RNN, 2 for GRU) with a W_hh of 512 KiB or more in float32 also takes bfloat16
+      operands (W_hh and the h fed to it rounded once, float32 sums; cells without
+      LayerNorm): on a CPU with AVX512_BF16 running the avx512 kernels. Such a step streams
+      half the bytes of W_hh. Larger batches keep a float32 step: it is bound by
+      multiply-adds there, which bf16 dot products do not speed up on every CPU.
     """
     from . import _C, ops
 

@@ -2,9 +2,10 @@
 // W_hh and the h fed to it are rounded to bfloat16 once, each product pair is summed in
 // float32. Half the bytes of a float32 W_hh to stream every step, which is what bounds a
 // small batch's step. Only in the AVX-512 kernels (FASTRNN_CPU_BF16), and only called on a
-// CPU with the avx512_bf16 flag, for batches that take the narrow tiles: a larger batch's
-// step is bound by multiply-adds, and vdpbf16ps does no more of them per cycle than float32
-// FMAs on Intel cores (measured on a Xeon with AMX: 30% slower at B=16..64).
+// CPU with the avx512_bf16 flag, for batches that take the narrow tiles and a W_hh of
+// 512 KiB or more in float32 (recurrence.h): a larger batch's step is bound by
+// multiply-adds, and vdpbf16ps does no more of them per cycle than float32 FMAs on Intel
+// cores (measured on a Xeon with AMX: 30% slower at B=16..64).
 //
 // Layout: a vector of 32 bfloat16 holds, in 32-bit lane l, the pair (k, k + 1) of column l,
 // so one vdpbf16ps adds a[k] * b[k][l] + a[k+1] * b[k+1][l] to lane l. A row of values
