@@ -29,8 +29,9 @@ def cpu_capabilities():
       products ("bfloat16 GEMMs"; LSTM, GRU and RNN layers, the LayerNorm layers' stay
       float32);
     - ``autocast_bfloat16``: how a layer runs under ``torch.autocast("cpu", torch.bfloat16)``.
-      "bfloat16 GEMMs": the large GEMMs (input projection, dx, weight gradients) take
-      bfloat16 operands (oneDNN, through torch), on a CPU with AVX512_BF16 or AMX-BF16;
+      "bfloat16 GEMMs": the large GEMMs (input projection, dx, weight gradients; from
+      2^24 multiply-adds) take bfloat16 operands (oneDNN, through torch), on a CPU with
+      AVX512_BF16 or AMX-BF16;
       the recurrence stays in float32. Elsewhere "float32", as for float16 autocast.
     - ``bfloat16_recurrent_step``: whether, on those bfloat16 paths, the recurrent product
       h W_hh^T of small batches (the kernels' narrow tiles: at most 3 rows for LSTM and
