@@ -322,7 +322,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
   const int64_t K2 = (P + 1) / 2;
   Buffer<T> w_rec;
   Buffer<int32_t> w16;
-  int32_t* hb = reinterpret_cast<int32_t*>(hdrop + 2 * Bn * P);  // [2, Bn, K2]
+  [[maybe_unused]] int32_t* hb = reinterpret_cast<int32_t*>(hdrop + 2 * Bn * P);  // [2, Bn, K2]
   if (bf16) {
 #ifdef FASTRNN_CPU_BF16
     using VI = Vec<int32_t, L>;
@@ -534,21 +534,30 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
     if constexpr (Cell::kLayerNorm) {
       ln_cells(Cell{}, io, t, n);
     } else {
-      for_tiles(n, [&](auto rows, auto nb, int64_t i0, int64_t u, int64_t u0, int64_t nu) {
-        constexpr int R = decltype(rows)::value, NB = decltype(nb)::value;
-        fused_tile<Cell, R, NB, V>(p, io, i0, u0, nu, [&](V (&acc)[R][NB * G]) {
+      // The two products in separate instantiations of the tile: the bf16 one passes the
+      // accumulators out of line, which would otherwise keep the float32 ones in memory.
+      bool done = false;
 #ifdef FASTRNN_CPU_BF16
-          if constexpr (std::is_same_v<T, float>) {
-            if (bf16) {
-              tile_acc_bf16<R, NB * G>(K2, hb + ((s % 2) * Bn + i0) * K2, K2,
-                                       w16.data + u * K2 * G * width, acc);
-              return;
-            }
-          }
+      if constexpr (std::is_same_v<T, float>) {
+        if (bf16) {
+          for_tiles(n, [&](auto rows, auto nb, int64_t i0, int64_t u, int64_t u0, int64_t nu) {
+            constexpr int R = decltype(rows)::value, NV = decltype(nb)::value * G;
+            fused_tile<Cell, R, decltype(nb)::value, V>(p, io, i0, u0, nu, [&](V (&acc)[R][NV]) {
+              tile_acc_bf16<R, NV>(K2, hb + ((s % 2) * Bn + i0) * K2, K2,
+                                   w16.data + u * K2 * G * width, acc);
+            });
+          });
+          done = true;
+        }
+      }
 #endif
-          tile_acc<R, NB * G>(P, io.hrec + i0 * P, P, 1, w_rec.data + u * P * G * width, acc);
+      if (!done)
+        for_tiles(n, [&](auto rows, auto nb, int64_t i0, int64_t u, int64_t u0, int64_t nu) {
+          constexpr int R = decltype(rows)::value, NV = decltype(nb)::value * G;
+          fused_tile<Cell, R, decltype(nb)::value, V>(p, io, i0, u0, nu, [&](V (&acc)[R][NV]) {
+            tile_acc<R, NV>(P, io.hrec + i0 * P, P, 1, w_rec.data + u * P * G * width, acc);
+          });
         });
-      });
     }
 
     for (int64_t i = 0; i < Bn; ++i) {
