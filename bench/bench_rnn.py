@@ -256,6 +256,25 @@ def theoretical_peak(dtype, device):
                   f"({theo['clock_source']}); not the %peak denominator")
 
 
+def measured_fma_peak(dtype, device, seconds=0.3):
+    """(GFLOP/s or None, one line describing it): independent vector FMAs in registers on
+    torch's thread count, with fastrnn's CPU kernels in use (fastrnn's _C.fma_peak).  The
+    multiply-add limit at the clock the machine runs now: it counts the FMA pipes, a 512-bit
+    FMA split in two halves and turbo clocks, which the derived figure has to assume."""
+    if device.type != "cpu":
+        return None, f"n/a on {device.type}"
+    if dtype not in (torch.float32, torch.float64):
+        return None, f"n/a for {str(dtype).split('.')[-1]} (float32/float64 only)"
+    probe = getattr(fastrnn.ops._C, "fma_peak", None)
+    if probe is None:
+        return None, "n/a (this fastrnn build has no FMA probe)"
+    threads = torch.get_num_threads()
+    gflops = probe(dtype == torch.float64, threads, seconds)
+    return gflops, (f"{gflops:.1f} GFLOP/s = independent {fastrnn.ops._C.cpu_kernels()} FMAs in registers "
+                    f"on {threads} threads for {seconds:g} s (the multiply-add limit at the present clock; "
+                    "not the %peak denominator)")
+
+
 class CheckError(AssertionError):
     pass
 
@@ -550,6 +569,7 @@ def main(argv=None):
     gemm = gemm_peak(args.peak_n, dtype, device)
     peak = gemm["peak"]
     theo, theo_line = theoretical_peak(dtype, device)
+    fma_gflops, fma_line = measured_fma_peak(dtype, device)
     info = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         command=" ".join([os.path.basename(sys.executable), sys.argv[0]] + (sys.argv[1:] if argv is None else argv)),
@@ -561,7 +581,7 @@ def main(argv=None):
         gemm_mm_gflops=gemm["mm"], gemm_onednn_gflops=gemm["onednn"], gemm_onednn_note=gemm["onednn_note"],
         gemm_peak_gflops=peak, gemm_peak_source=gemm["source"], gemm_peak_n=args.peak_n,
         theoretical_peak_gflops=theo["gflops"] if theo else None, theoretical_peak=theo,
-        theoretical_peak_text=theo_line,
+        theoretical_peak_text=theo_line, measured_fma_peak_gflops=fma_gflops, measured_fma_peak_text=fma_line,
         repeats=args.repeats, warmup=args.warmup, cpu_count=os.cpu_count(), loadavg_start=load_average(),
     )
     onednn_text = f"{gemm['onednn']:.1f}" if gemm["onednn"] is not None else gemm["onednn_note"]
@@ -575,6 +595,7 @@ def main(argv=None):
           f"CPU kernels {info['cpu_kernels']}")
     print(f"# GEMM {args.peak_n}^3 GFLOP/s: torch.mm {gemm['mm']:.1f}, oneDNN matmul {onednn_text} | "
           f"peak = {gemm['source']} {peak:.1f} GFLOP/s (the %peak denominator)")
+    print(f"# measured FMA peak: {fma_line}")
     print(f"# theoretical FMA peak: {theo_line}")
     print(f"# median of {args.repeats}, warm-up {args.warmup} | load average {info['loadavg_start']} | "
           f"ratio = torch ms / fastrnn ms (>1: fastrnn faster)")

@@ -128,3 +128,13 @@ def test_nan_propagates_as_in_torch_nn(isa, kind):
     (ya, ha), (ye, he) = fast(x), ref(x)
     torch.testing.assert_close(ya, ye, equal_nan=True, atol=1e-5, rtol=1e-4)
     assert torch.equal(ya.isnan(), ye.isnan()) and ya.isnan().any()
+
+
+@pytest.mark.parametrize("f64", [False, True])
+def test_fma_peak_measures_a_positive_rate(isa, f64):
+    # The benchmark's multiply-add limit: a rate, and one that more lanes do not lower
+    # (float32 lanes are twice float64's on every instruction set).
+    rate = ops._C.fma_peak(f64, 1, 0.02)
+    assert 0 < rate < 1e5
+    if f64:
+        assert ops._C.fma_peak(False, 1, 0.02) > 1.2 * rate

@@ -112,6 +112,16 @@ PYBIND11_MODULE(_C, m) {
         "The CPU's features the kernels care about (CPUID flags)");
   m.def("set_cpu_kernels", &fastrnn::cpu::set_kernels, pybind11::arg("name"),
         "Use the named CPU kernels from now on; False if this CPU cannot run them");
+  m.def(
+      "fma_peak",
+      [](bool f64, int threads, double seconds) {
+        const auto& k = fastrnn::cpu::kernels();
+        return (f64 ? k.fma_peak_f64 : k.fma_peak_f32)(threads, seconds);
+      },
+      pybind11::arg("float64"), pybind11::arg("threads"), pybind11::arg("seconds") = 0.2,
+      pybind11::call_guard<pybind11::gil_scoped_release>(),
+      "GFLOP/s of independent vector FMAs in registers on `threads` threads with the CPU "
+      "kernels in use: the multiply-add limit the machine reaches at its present clock");
   m.def("release_saved_memory", &fastrnn::release_saved_memory,
         "Free the cached blocks of the tensors CPU training forwards save for backward");
   m.def("saved_memory_cached", &fastrnn::saved_memory_cached,

@@ -244,6 +244,8 @@ class _RNNBase(RNNBase):
         shape = (self.num_layers * num_directions, batch)
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
         opts = {"dtype": input.dtype, "device": input.device}
+        if self.mode == "LSTM" and real_hidden == self.hidden_size:
+            return tuple(torch.zeros(2, *shape, real_hidden, **opts).unbind(0))  # one allocation
         h = torch.zeros(*shape, real_hidden, **opts)
         if self.mode == "LSTM":
             return (h, torch.zeros(*shape, self.hidden_size, **opts))
@@ -298,11 +300,12 @@ class _RNNBase(RNNBase):
             return x, finals[0]
         return x, tuple(torch.cat(parts) for parts in zip(*finals))
 
-    def _check_runtime(self, input, hx, weights):
-        """Checks torch makes in C++ after the Python shape checks."""
+    def _check_runtime(self, input, hx, weights, own_state=False):
+        """Checks torch makes in C++ after the Python shape checks. own_state: hx is the
+        zero state made for this call, on the input's device in its dtype."""
         state = hx if self.mode == "LSTM" else (hx,)
         flat = [w for layer in weights for d in layer for w in d if w is not None]
-        _check_devices(input, state, flat)
+        _check_devices(input, () if own_state else state, flat)
         if not torch._C._is_any_autocast_enabled():  # as torch's own dtype check
             _check_state_dtype(state, flat[0])
         return state
@@ -334,13 +337,17 @@ class _RNNBase(RNNBase):
         if not is_batched:
             input = input.unsqueeze(batch_dim)
         if hx is None:
+            # The zero state has the right sizes, device and dtype: only the input and the
+            # weights are left to check.
+            self.check_input(input, None)
             hx = self._zero_state(input, input.size(batch_dim))
+            state = self._check_runtime(input, hx, weights, own_state=True)
         else:
             self._check_hx_dim(hx, 3 if is_batched else 2)
             if not is_batched:
                 hx = tuple(h.unsqueeze(1) for h in hx) if self.mode == "LSTM" else hx.unsqueeze(1)
-        self.check_forward_args(input, hx, None)
-        state = self._check_runtime(input, hx, weights)
+            self.check_forward_args(input, hx, None)
+            state = self._check_runtime(input, hx, weights)
 
         x = input.transpose(0, 1) if self.batch_first else input
         if x.size(0) == 0:

@@ -71,6 +71,10 @@ struct Kernels {
                          float* out, int threads, const float* u, int64_t us, float* out_u);
   void (*column_sum_f64)(const double* t, int64_t R, int64_t C, int64_t rs, int64_t cs,
                          double* out, int threads, const double* u, int64_t us, double* out_u);
+  // The measured multiply-add limit in GFLOP/s: independent vector FMAs in registers on
+  // `threads` threads for about `seconds` (fma_peak.h).
+  double (*fma_peak_f32)(int threads, double seconds);
+  double (*fma_peak_f64)(int threads, double seconds);
 };
 
 // The table in use: the best this CPU supports, unless set_kernels chose another.

@@ -2,6 +2,7 @@
 // it, the file defines FASTRNN_CPU_ISA (its namespace) and kIsa (its tiling, recurrence.h).
 #pragma once
 
+#include "fma_peak.h"
 #include "kernels.h"
 #include "recurrence.h"
 
@@ -32,6 +33,11 @@ void run_column_sum(const T* t, int64_t R, int64_t C, int64_t rs, int64_t cs, T*
   column_sum<typename kIsa::template V<T>>(t, R, C, rs, cs, out, threads, u, us, out_u);
 }
 
+template <class T>
+double run_fma_peak(int threads, double seconds) {
+  return fma_peak<T, kIsa::template kLanes<T>, kIsa::kAccRegs>(threads, seconds);
+}
+
 #define FASTRNN_STR2(x) #x
 #define FASTRNN_STR(x) FASTRNN_STR2(x)
 const Kernels& table() {
@@ -39,7 +45,8 @@ const Kernels& table() {
                          &run_forward<float>,  &run_forward<double>,
                          &run_backward<float>, &run_backward<double>,
                          &run_gemm<float>,     &run_gemm<double>,
-                         &run_column_sum<float>, &run_column_sum<double>};
+                         &run_column_sum<float>, &run_column_sum<double>,
+                         &run_fma_peak<float>, &run_fma_peak<double>};
   return k;
 }
 #undef FASTRNN_STR

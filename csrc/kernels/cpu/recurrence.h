@@ -40,6 +40,7 @@ inline namespace FASTRNN_CPU_ISA {
 // accumulators, and the (GemmMR rows x GemmNV vectors) tile of the plain GEMMs.
 template <int VecBytes, int AccRegs, int GemmMR, int GemmNV>
 struct Isa {
+  static constexpr int kAccRegs = AccRegs;
   template <class T> static constexpr int kLanes = VecBytes / static_cast<int>(sizeof(T));
   template <class T> using V = Vec<T, kLanes<T>>;
   template <class T> using Gemm = cpu::Gemm<T, kLanes<T>, GemmMR, GemmNV>;
