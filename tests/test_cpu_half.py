@@ -105,6 +105,8 @@ def test_cpu_capabilities():
     assert caps["float16"] == "float32"
     assert caps["bfloat16"] == caps["autocast_bfloat16"] == (
         "bfloat16 GEMMs" if BF16_DOT else "float32")
+    # Every batch size takes the bf16 step only where the narrow tiles' one can run.
+    assert caps["bfloat16_recurrent_step"] or not caps["bfloat16_recurrent_step_all_batches"]
 
 
 def test_autocast_bf16_gemms_follow_the_cpu_features():
@@ -169,13 +171,15 @@ BF16_STEP = "avx512_bf16" in fastrnn.cpu_capabilities()["features"]
     ("lstm", 1, 37, 0, False), ("lstm", 1, 300, 0, False), ("lstm", 2, 256, 129, False),
     ("gru", 1, 211, 0, True), ("gru", 1, 37, 0, True), ("rnn_tanh", 3, 400, 0, True),
     ("lstm", 8, 64, 0, False), ("rnn_tanh", 16, 300, 0, False), ("rnn_tanh", 1, 300, 0, False),
+    ("lstm", 8, 256, 0, False), ("gru", 13, 211, 0, True), ("lstm", 5, 256, 129, True),
 ], ids=lambda c: "%s-B%d-H%d-proj%d%s" % (c[0], c[1], c[2], c[3], "-recdrop" if c[4] else ""))
 def test_bf16_recurrent_step(case):
-    """With bf16 GEMMs (CPU bf16 autocast), a batch small enough for the narrow tiles and a
-    W_hh of 512 KiB or more in float32, a CPU with AVX512_BF16 also runs the recurrent
-    product from bfloat16 W_hh and h: the result is the bfloat16-rounding reference, within
-    float32 rounding. Elsewhere (larger batches, smaller W_hh, other CPUs and instruction
-    sets) the recurrent product stays float32."""
+    """With bf16 GEMMs (CPU bf16 autocast), a batch small enough for the narrow tiles (any
+    batch where bf16 products outpace float32 FMAs) and a W_hh of 512 KiB or more in
+    float32, a CPU with AVX512_BF16 also runs the recurrent product from bfloat16 W_hh and h:
+    the result is the bfloat16-rounding reference, within float32 rounding. Elsewhere
+    (larger batches, smaller W_hh, other CPUs and instruction sets) the recurrent product
+    stays float32."""
     from fastrnn import ops
 
     cell, B, H, proj, recdrop = case
@@ -189,8 +193,9 @@ def test_bf16_recurrent_step(case):
     w_hr = u(P, H) if proj else None
     mask = (torch.rand(B, P, generator=g) > 0.3).float() / 0.7 if recdrop else None
     narrow = B <= {"lstm": 3, "gru": 2, "rnn_tanh": 3}[cell]  # Isa::narrow_rows on AVX-512
-    step = narrow and G * H * P * 4 >= 512 << 10 and fastrnn.cpu_capabilities()[
-        "bfloat16_recurrent_step"]
+    caps = fastrnn.cpu_capabilities()
+    step = (narrow or caps["bfloat16_recurrent_step_all_batches"]) and \
+        G * H * P * 4 >= 512 << 10 and caps["bfloat16_recurrent_step"]
     assert fastrnn.cpu_capabilities()["bfloat16_recurrent_step"] == (
         BF16_STEP and ops._C.cpu_kernels() == "avx512" and ops._BF16_DOT)
     d = lambda t: None if t is None else t[None]  # noqa: E731

@@ -122,6 +122,9 @@ PYBIND11_MODULE(_C, m) {
       pybind11::call_guard<pybind11::gil_scoped_release>(),
       "GFLOP/s of independent vector FMAs in registers on `threads` threads with the CPU "
       "kernels in use: the multiply-add limit the machine reaches at its present clock");
+  m.def("bf16_step_wide", [] { return fastrnn::cpu::kernels().bf16_step_wide(); },
+        "Whether the CPU kernels in use run the bfloat16 recurrent step for every batch "
+        "size (bf16 products outpace float32 FMAs here), not only for the narrow tiles");
   m.def("release_saved_memory", &fastrnn::release_saved_memory,
         "Free the cached blocks of the tensors CPU training forwards save for backward");
   m.def("saved_memory_cached", &fastrnn::saved_memory_cached,

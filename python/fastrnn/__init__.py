@@ -38,17 +38,22 @@ def cpu_capabilities():
       RNN, 2 for GRU) with a W_hh of 512 KiB or more in float32 also takes bfloat16
       operands (W_hh and the h fed to it rounded once, float32 sums; cells without
       LayerNorm): on a CPU with AVX512_BF16 running the avx512 kernels. Such a step streams
-      half the bytes of W_hh. Larger batches keep a float32 step: it is bound by
-      multiply-adds there, which bf16 dot products do not speed up on every CPU.
+      half the bytes of W_hh. Larger batches keep a float32 step where it is bound by
+      multiply-adds that bf16 dot products do not speed up;
+    - ``bfloat16_recurrent_step_all_batches``: whether larger batches take that bfloat16
+      step too, because this CPU's bf16 dot products do at least 1.5 times the multiply-adds
+      per second of its float32 FMAs (measured once per process, at the first such step;
+      AMD Zen 4: about twice, an LSTM step at B=16..64 1.3-1.5x faster).
     """
     from . import _C, ops
 
+    step = ops._BF16_DOT and _C.cpu_kernels() == "avx512" and "avx512_bf16" in _C.cpu_features()
     return {"kernels": _C.cpu_kernels(), "supported_kernels": list(_C.supported_cpu_kernels()),
             "features": list(_C.cpu_features()),
             "bfloat16": "bfloat16 GEMMs" if ops._BF16_DOT else "float32", "float16": "float32",
             "autocast_bfloat16": "bfloat16 GEMMs" if ops._BF16_DOT else "float32",
-            "bfloat16_recurrent_step": ops._BF16_DOT and _C.cpu_kernels() == "avx512"
-            and "avx512_bf16" in _C.cpu_features()}
+            "bfloat16_recurrent_step": step,
+            "bfloat16_recurrent_step_all_batches": step and _C.bf16_step_wide()}
 
 
 def empty_cache():

@@ -2,10 +2,11 @@
 // W_hh and the h fed to it are rounded to bfloat16 once, each product pair is summed in
 // float32. Half the bytes of a float32 W_hh to stream every step, which is what bounds a
 // small batch's step. Only in the AVX-512 kernels (FASTRNN_CPU_BF16), and only called on a
-// CPU with the avx512_bf16 flag, for batches that take the narrow tiles and a W_hh of
-// 512 KiB or more in float32 (recurrence.h): a larger batch's step is bound by
-// multiply-adds, and vdpbf16ps does no more of them per cycle than float32 FMAs on Intel
-// cores (measured on a Xeon with AMX: 30% slower at B=16..64).
+// CPU with the avx512_bf16 flag, for a W_hh of 512 KiB or more in float32 (recurrence.h).
+// A larger batch's step is bound by multiply-adds instead, so it takes bf16 products only
+// where vdpbf16ps does more of them per cycle than float32 FMAs, which this CPU's own rates
+// decide (bf16_step_wide): twice as many on AMD Zen 4 (LSTM B=16..64 step 1.3-1.5x faster),
+// no more on Intel cores with AMX (there 30% slower at B=16..64).
 //
 // Layout: a vector of 32 bfloat16 holds, in 32-bit lane l, the pair (k, k + 1) of column l,
 // so one vdpbf16ps adds a[k] * b[k][l] + a[k+1] * b[k+1][l] to lane l. A row of values
@@ -20,6 +21,7 @@
 #include <cstring>
 #include <memory>
 
+#include "fma_peak.h"
 #include "gemm.h"
 #include "kernels.h"
 
@@ -108,6 +110,46 @@ __attribute__((target("avx512bf16"), noinline)) void tile_acc_bf16(int64_t K2, c
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[r][v].v = c[r][v];
+}
+
+// GFLOP/s of vdpbf16ps on one thread (2 flops per bf16 pair product), as fma_peak measures
+// float32 FMAs: independent chains in registers for about `seconds`. (Its own timed loop:
+// code passed into a shared one would not inherit the avx512bf16 target.)
+__attribute__((target("avx512bf16"), noinline)) inline double bf16_dot_peak(double seconds) {
+  constexpr int kChains = 24;
+  __m512 acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_ps(1e-3f * static_cast<float>(i + 1));
+  const __m512bh a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.999f), _mm512_set1_ps(0.998f));
+  const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(2e-3f));
+  int64_t iters = 0;
+  const double t0 = omp_get_wtime();
+  double t = t0;
+  do {
+    for (int n = 0; n < 1024; ++n) {
+#pragma GCC unroll 32
+      for (int i = 0; i < kChains; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+    }
+    for (int i = 0; i < kChains; ++i) asm volatile("" : "+m"(acc[i]));
+    iters += 1024;
+    t = omp_get_wtime();
+  } while (t - t0 < seconds);
+  return 2.0 * 32 * kChains * static_cast<double>(iters) / (t - t0) * 1e-9;
+}
+
+// Whether the bf16 step also pays for batches past the narrow tiles: vdpbf16ps does at least
+// 1.5 times the multiply-adds per second of float32 FMAs on this CPU (measured once, about
+// 40 ms, at the first bf16 step of the process; the better of two tries of each).
+inline bool bf16_step_wide() {
+  static const bool on = [] {
+    if (!has_bf16_dot()) return false;
+    double bf16 = 0, fp32 = 0;
+    for (int i = 0; i < 2; ++i) {
+      bf16 = std::max(bf16, bf16_dot_peak(0.01));
+      fp32 = std::max(fp32, fma_peak<float, 16, 24>(1, 0.01));
+    }
+    return bf16 >= 1.5 * fp32;
+  }();
+  return on;
 }
 
 }  // namespace FASTRNN_CPU_ISA

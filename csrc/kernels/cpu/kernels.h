@@ -75,6 +75,9 @@ struct Kernels {
   // `threads` threads for about `seconds` (fma_peak.h).
   double (*fma_peak_f32)(int threads, double seconds);
   double (*fma_peak_f64)(int threads, double seconds);
+  // Whether the bf16 recurrent step (ForwardParams::bf16_step) also runs past the narrow
+  // tiles: vdpbf16ps outpaces float32 FMAs on this CPU (bf16_dot.h). False without it.
+  bool (*bf16_step_wide)();
 };
 
 // The table in use: the best this CPU supports, unless set_kernels chose another.

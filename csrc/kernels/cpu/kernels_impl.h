@@ -38,6 +38,14 @@ double run_fma_peak(int threads, double seconds) {
   return fma_peak<T, kIsa::template kLanes<T>, kIsa::kAccRegs>(threads, seconds);
 }
 
+bool run_bf16_step_wide() {
+#ifdef FASTRNN_CPU_BF16
+  return bf16_step_wide();
+#else
+  return false;
+#endif
+}
+
 #define FASTRNN_STR2(x) #x
 #define FASTRNN_STR(x) FASTRNN_STR2(x)
 const Kernels& table() {
@@ -46,7 +54,8 @@ const Kernels& table() {
                          &run_backward<float>, &run_backward<double>,
                          &run_gemm<float>,     &run_gemm<double>,
                          &run_column_sum<float>, &run_column_sum<double>,
-                         &run_fma_peak<float>, &run_fma_peak<double>};
+                         &run_fma_peak<float>, &run_fma_peak<double>,
+                         &run_bf16_step_wide};
   return k;
 }
 #undef FASTRNN_STR

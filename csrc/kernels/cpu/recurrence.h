@@ -308,15 +308,17 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
   const bool narrow = B <= MRn;
   const int64_t width = (narrow ? NBn : 1) * L;  // units per panel
   const int64_t blocks = (hs + width - 1) / width;
-  // bf16 step (p.bf16_step on a CPU with AVX512_BF16, narrow tiles and a float32 W_hh of
-  // 512 KiB or more: bf16_dot.h): W_hh as bf16 pairs instead, and the h that feeds it
-  // rounded once per step into hb (pairs, ping-pong [2, Bn, K2], schedule order, in the
-  // team's workspace where LayerNorm cells keep raw) by the thread that wrote it. A
-  // smaller W_hh streams from the caches fast enough that the rounding costs more than it
-  // saves (measured: RNN at H=256, 256 KiB, 10% slower). Both rules hold for any thread count.
+  // bf16 step (p.bf16_step on a CPU with AVX512_BF16 and a float32 W_hh of 512 KiB or more;
+  // past the narrow tiles only where bf16 products outpace float32 FMAs: bf16_dot.h): W_hh
+  // as bf16 pairs instead, and the h that feeds it rounded once per step into hb (pairs,
+  // ping-pong [2, Bn, K2], schedule order, in the team's workspace where LayerNorm cells
+  // keep raw) by the thread that wrote it. A smaller W_hh streams from the caches fast
+  // enough that the rounding costs more than it saves (measured: RNN at H=256, 256 KiB, 10%
+  // slower). Every rule holds for any thread count.
 #ifdef FASTRNN_CPU_BF16
-  const bool bf16 = std::is_same_v<T, float> && !Cell::kLayerNorm && p.bf16_step && narrow &&
-                    G * H * P * 4 >= (512 << 10) && has_bf16_dot();
+  const bool bf16 = std::is_same_v<T, float> && !Cell::kLayerNorm && p.bf16_step &&
+                    G * H * P * 4 >= (512 << 10) && has_bf16_dot() &&
+                    (narrow || bf16_step_wide());
 #else
   constexpr bool bf16 = false;
 #endif
