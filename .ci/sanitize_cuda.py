@@ -1,8 +1,8 @@
 """A small forward + backward of every cell on the GPU, for compute-sanitizer:
 lengths on the device, one and two directions, with and without a projection, float32 and
 bfloat16, through the modules (multi-layer) and the cells; the per-step path and the
-persistent kernels. Exits non-zero on a mismatch with
-the CPU in float64, so a run under the sanitizer also checks the answers.
+persistent kernels; the LayerNorm modules with resets and zoneout. Exits non-zero on a
+mismatch with the CPU in float64, so a run under the sanitizer also checks the answers.
 
     compute-sanitizer --tool memcheck  python .ci/sanitize_cuda.py
     compute-sanitizer --tool racecheck python .ci/sanitize_cuda.py
@@ -60,6 +60,35 @@ def cells():
     return ok
 
 
+def layer_norm(kind, bidirectional, dtype, lengths):
+    """fastrnn.LayerNormLSTM/GRU, two layers, with resets and zoneout (eval mode: the same
+    mix on both devices); H spans two warps, so each row's block reduces across warps."""
+    torch.manual_seed(0)
+    Hn = 40
+    cls = {"lstm": fastrnn.LayerNormLSTM, "gru": fastrnn.LayerNormGRU}[kind]
+    ref = cls(I, Hn, num_layers=2, bidirectional=bidirectional, zoneout=0.2).double().eval()
+    gpu = cls(I, Hn, num_layers=2, bidirectional=bidirectional, zoneout=0.2).cuda().to(dtype)
+    gpu.load_state_dict(ref.state_dict())
+    gpu.eval()
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    xg = x.detach().cuda().to(dtype).requires_grad_()
+    lens = torch.tensor([T, 2, 5][:B]) if lengths else None
+    resets = torch.rand(T, B) < 0.3
+    out, _ = ref(x, lengths=lens, resets=resets)
+    outg, _ = gpu(xg, lengths=None if lens is None else lens.cuda(), resets=resets.cuda())
+    out.sum().backward()
+    outg.float().sum().backward()
+    torch.cuda.synchronize()
+    # Relative to each result's scale: dx sums over 2 * Hn outputs and reaches about 10.
+    tol = 1e-4 if dtype == torch.float32 else 6e-2
+    err = (outg.double().cpu() - out).abs().max().item() / max(1.0, out.abs().max().item())
+    gerr = (xg.grad.double().cpu() - x.grad).abs().max().item() / x.grad.abs().max().item()
+    ok = err < tol and gerr < tol
+    print(f"ln_{kind:6s} D={1 + bidirectional} {str(dtype)[6:]:9s} lengths={lengths:d}  "
+          f"out {err:.1e} dx {gerr:.1e} {'ok' if ok else 'MISMATCH'}")
+    return ok
+
+
 def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     ok = True
@@ -74,6 +103,11 @@ def main():
                             ok &= case(kind, bidirectional, proj, dtype, lengths)
     fastrnn.ops._C.set_cuda_persistent(False)
     ok &= cells()
+    for kind in ("lstm", "gru"):
+        for bidirectional in (False, True):
+            for dtype in (torch.float32, torch.bfloat16):
+                for lengths in (False, True):
+                    ok &= layer_norm(kind, bidirectional, dtype, lengths)
     print("sanitize_cuda:", "all cases match" if ok else "MISMATCH")
     return 0 if ok else 1
 

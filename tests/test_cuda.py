@@ -21,9 +21,12 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import fastrnn
 from fastrnn import functional as F
 from fastrnn import ops
+from fastrnn import reference as R
 
 from test_functional import (CELLS, call, leaves, lengths_for, make_inputs, op_args,
                              op_samples, opcheck_backward, torch_module, torch_run)
+from test_layernorm import F32_NORMWISE, KINDS as LN_MODULES, randomize
+from test_layernorm_ops import leaves as ln_leaves, ln_inputs, op_args as ln_op_args
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -733,3 +736,243 @@ def test_extras_modules_match_cpu(kind):
 
     for a, b in zip(result(gpu, DEV), result(cpu, "cpu")):
         torch.testing.assert_close(a.detach().cpu(), b.detach(), atol=1e-9, rtol=1e-7)
+
+
+# ---- LayerNorm LSTM/GRU (fastrnn.functional.ln_layer, fastrnn.LayerNormLSTM/GRU) ------------
+
+LN_CELLS = ["lstm", "gru"]
+
+
+def ln_moved(x, h0, c0, weights, device=DEV, dtype=None):
+    """Leaf copies of ln_layer's x, h0, c0 and per-direction weight tuples on `device`,
+    optionally cast."""
+    def mv(t):
+        return None if t is None else (
+            t.detach().to(device=device, dtype=dtype or t.dtype).requires_grad_())
+    return mv(x), mv(h0), mv(c0), [tuple(mv(w) for w in ws) for ws in weights]
+
+
+def ln_run(fn, cell, x, h0, c0, weights, lengths=None, reverse=False, cot=None, **extras):
+    """fn (fastrnn.functional.ln_layer or fastrnn.reference.ln_layer): its outputs and the
+    gradients of sum(o * cot) w.r.t. x, h0, c0 and every weight (the LayerNorms' included);
+    cot: float64 cotangents, default out_weights'."""
+    outs = [o for o in fn(cell, x, h0, c0, weights, lengths, reverse, **extras) if o is not None]
+    return outs, grads_of(outs, ln_leaves(x, h0, c0, weights), cot or out_weights(outs))
+
+
+def ln_extras(cell, D, T, B, H, which, seed):
+    """CPU float64 extras for ln_layer, as named in `which`: resets [T, B]; zoneout weights
+    [D, T, B, H], h's a mix in [0, 1) as eval mode gives it, LSTM's c 0/1 as training draws
+    it; a recurrent dropout mask [D, B, H]. Given, so both devices see the same values."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    if "resets" in which:
+        out["resets"] = torch.rand(T, B, generator=g) < 0.3
+    if "zoneout" in which:
+        out["zoneout_h"] = torch.rand(D, T, B, H, generator=g, dtype=torch.float64)
+        if cell == "lstm":
+            out["zoneout_c"] = torch.bernoulli(
+                torch.full((D, T, B, H), 0.3, dtype=torch.float64), generator=g)
+    if "dropout" in which:
+        out["rec_mask"] = torch.bernoulli(
+            torch.full((D, B, H), 0.7, dtype=torch.float64), generator=g) / 0.7
+    return out
+
+
+def gpu_lengths(lens):
+    return None if lens is None else lens.to(DEV)
+
+
+LN_SIZES = [(5, 3, 4, 7), (9, 6, 5, 33), (4, 16, 6, 130), (3, 2, 3, 300)]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("size", LN_SIZES, ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("lengths", ["none", "mixed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+@pytest.mark.parametrize("cell", LN_CELLS)
+def test_ln_matches_cpu_fp64(cell, D, reverse, lengths, size):
+    """A LayerNorm layer on the GPU: outputs, final states and the gradients of the input,
+    the initial state and every weight (LayerNorms' included) as the CPU kernels give
+    them, in float64. H from one warp's worth of units to more units than a block has
+    threads."""
+    T, B, I, H = size
+    x, h0, c0, weights, _ = ln_inputs(cell, D, T, B, I, H, seed=T + H)
+    lens = lengths_for(lengths, T, B)
+    ref_out, ref_g = ln_run(F.ln_layer, cell, x, h0, c0, weights, lens, reverse)
+    out, g = ln_run(F.ln_layer, cell, *ln_moved(x, h0, c0, weights), gpu_lengths(lens), reverse)
+    assert all(o.is_cuda for o in out) and all(v.is_cuda for v in g)
+    assert_close_all(out, ref_out, atol=1e-9, rtol=1e-7)
+    assert_close_all(g, ref_g, atol=1e-9, rtol=1e-7)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("size", [(1, 1, 2, 3), (7, 5, 4, 33)], ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("lengths", ["none", "mixed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("which", EXTRAS)
+@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+@pytest.mark.parametrize("cell", LN_CELLS)
+def test_ln_extras_match_cpu_fp64(cell, D, which, reverse, lengths, size):
+    """Resets, zoneout and recurrent dropout in LayerNorm layers on the GPU: every output
+    and gradient as the CPU kernels give them, in float64."""
+    T, B, I, H = size
+    x, h0, c0, weights, _ = ln_inputs(cell, D, T, B, I, H, seed=T * B)
+    lens = lengths_for(lengths, T, B)
+    extras = ln_extras(cell, D, T, B, H, which, seed=T + B)
+    ref_out, ref_g = ln_run(F.ln_layer, cell, x, h0, c0, weights, lens, reverse, **extras)
+    out, g = ln_run(F.ln_layer, cell, *ln_moved(x, h0, c0, weights), gpu_lengths(lens), reverse,
+                    **{k: v.to(DEV) for k, v in extras.items()})
+    assert_close_all(out, ref_out, atol=1e-9, rtol=1e-7)
+    assert_close_all(g, ref_g, atol=1e-9, rtol=1e-7)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("form", ["lengths+resets", "packed"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("cell", LN_CELLS)
+def test_ln_modules_match_cpu(cell, bias, form):
+    """LayerNormLSTM/GRU, two bidirectional layers with every regulariser, in eval mode
+    (zoneout's deterministic mix; in training each device draws its masks from its own
+    generator, which the functional tests above replace with given masks), with lengths
+    and resets or a PackedSequence: the CPU's outputs, final states and the gradients of
+    the input, the initial state and every parameter, in float64."""
+    torch.manual_seed(0)
+    T, B, I, H = 8, 3, 4, 6
+    cpu = randomize(LN_MODULES[cell](I, H, num_layers=2, bidirectional=True, bias=bias,
+                                     dropout=0.1, zoneout=0.3, recurrent_dropout=0.2,
+                                     weight_dropout=0.2, dtype=torch.float64)).eval()
+    gpu = copy.deepcopy(cpu).to(DEV)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    hx = [torch.randn(4, B, H, dtype=torch.float64) for _ in range(2 if cell == "lstm" else 1)]
+    resets = torch.rand(T, B) < 0.3
+    lens = torch.tensor([T, 5, 2])
+
+    def result(mod, device):
+        xd = x.to(device).requires_grad_()
+        hd = [h.to(device).requires_grad_() for h in hx]
+        h_in = tuple(hd) if cell == "lstm" else hd[0]
+        if form == "packed":
+            y, state = mod(pack_padded_sequence(xd, lens, enforce_sorted=False), h_in)
+            y = y.data
+        else:
+            y, state = mod(xd, h_in, lengths=lens.to(device), resets=resets.to(device))
+        outs = [y, *(state if cell == "lstm" else (state,))]
+        return outs + grads_of(outs, [xd, *hd, *mod.parameters()], out_weights(outs))
+
+    got = result(gpu, DEV)
+    assert all(t.is_cuda for t in got)
+    for a, b in zip(got, result(cpu, "cpu")):
+        torch.testing.assert_close(a.detach().cpu(), b.detach(), atol=1e-9, rtol=1e-7)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("lengths", ["none", "mixed"])
+@pytest.mark.parametrize("cell", LN_CELLS)
+def test_ln_low_precision_error(cell, lengths, dtype):
+    """float32, float16 and bfloat16 LayerNorm layers (both directions) on the GPU against
+    the float64 CPU kernels on the same rounded inputs. float32: the norm-wise relative
+    error of every output and gradient within F32_NORMWISE, as test_layernorm.py checks
+    float32 (parameter gradients sum over every step and row, where summation order alone
+    moves single elements). float16/bfloat16: at most twice the error of the per-step
+    reference (fastrnn.reference, torch's own ops) run on the GPU in that dtype, plus one
+    unit of the dtype at the reference's scale; torch.nn has no LayerNorm LSTM or GRU to
+    compare with, the reference is torch's own result of the same math."""
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bfloat16 on this GPU")
+    T, B, I, H, D = 24, 8, 32, 64, 2
+    x, h0, c0, weights, _ = ln_inputs(cell, D, T, B, I, H, seed=5)
+    low = ln_moved(x, h0, c0, weights, "cpu", dtype)  # the rounded inputs everyone starts from
+    lens = lengths_for(lengths, T, B)
+    ref_inp = ln_moved(*low, "cpu", torch.float64)
+    outs = F.ln_layer(cell, *ref_inp, lens)
+    cot = [w.to(dtype).double() for w in out_weights([o for o in outs if o is not None])]
+    ref_out, ref_g = ln_run(F.ln_layer, cell, *ref_inp, lens, cot=cot)
+    out, g = ln_run(F.ln_layer, cell, *ln_moved(*low), gpu_lengths(lens), cot=cot)
+    assert all(o.dtype == dtype for o in out) and all(v.dtype == dtype for v in g)
+    names = ["y", "h_n", "c_n"][:len(out)] + [f"grad {i}" for i in range(len(g))]
+
+    if dtype == torch.float32:
+        for name, ours, ref in zip(names, out + g, ref_out + ref_g):
+            err = norm_err(ours, ref) / max(ref.double().norm().item(), 1e-30)
+            assert err <= F32_NORMWISE, f"{name}: norm-wise relative error {err:.1e}"
+        return
+    t_out, t_g = ln_run(R.ln_layer, cell, *ln_moved(*low), gpu_lengths(lens), cot=cot)
+    eps = torch.finfo(dtype).eps
+    for name, ours, theirs, ref in zip(names, out + g, t_out + t_g, ref_out + ref_g):
+        e_ours, e_torch = max_err(ours, ref), max_err(theirs, ref)
+        floor = eps * ref.abs().max().item() if ref.numel() else 0.0
+        assert e_ours <= 2 * e_torch + floor, (
+            f"{name}: fastrnn error {e_ours:.3g} > 2 x the reference's {e_torch:.3g} + {floor:.3g}")
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.parametrize("cell", LN_CELLS)
+def test_ln_opcheck_cuda(cell, D):
+    """fastrnn::ln_forward and ln_backward on CUDA tensors: the fake kernels' shapes and
+    dtypes, autograd registration and schema (torch.library.opcheck)."""
+    args = to_cuda(ln_op_args(cell, D, lengths=torch.tensor([3, 1])))
+    torch.library.opcheck(ops.ln_forward, args)
+    inference = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+    torch.library.opcheck(ops.ln_forward, inference[:14] + (False,) + inference[15:])
+    y, h_n, c_n, gates, hprev, cprev, ln_rstd = (o.detach() for o in ops.ln_forward(*args))
+    (_, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, gx_w, gx_b, lengths, reverse, _,
+     _) = inference
+    torch.library.opcheck(ops.ln_backward, (
+        cell, torch.randn_like(y), torch.randn_like(h_n),
+        torch.randn_like(c_n) if cell == "lstm" else None, gx, gx_w, gx_b, w_hh, b_hh, ln_w,
+        ln_b, lnc_w, lnc_b, lengths, gates, hprev, cprev, ln_rstd, reverse))
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("cell", LN_CELLS)
+def test_ln_every_output_element_written(cell):
+    """The caching allocator hands out NaN-poisoned memory; no NaN may survive in any output
+    of fastrnn::ln_forward (saved tensors included) or ln_backward."""
+    D, T, B, H = 2, 8, 5, 12
+    args = to_cuda(ln_op_args(cell, D, T, B, H, lengths=lengths_for("mixed", T, B)))
+    args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+    extras = [v.to(DEV) for v in ln_extras(cell, D, T, B, H, "resets+zoneout+dropout", 1).values()]
+    if cell == "gru":
+        extras.insert(2, None)  # no zoneout_c
+    for reverse in (False, True):
+        fwd_args = args[:13] + (reverse,) + args[14:] + tuple(extras)
+        poison()
+        with torch.no_grad():
+            fwd = ops.ln_forward(*fwd_args)
+        for t in fwd:
+            assert not t.isnan().any()
+        y, h_n, c_n, gates, hprev, cprev, ln_rstd = fwd
+        (_, gx, h0, c0, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, gx_w, gx_b, lengths) = args[:13]
+        poison()
+        with torch.no_grad():
+            bwd = ops.ln_backward(cell, torch.randn_like(y), torch.randn_like(h_n),
+                                  torch.randn_like(c_n) if cell == "lstm" else None, gx, gx_w,
+                                  gx_b, w_hh, b_hh, ln_w, ln_b, lnc_w, lnc_b, lengths, gates,
+                                  hprev, cprev, ln_rstd, reverse, *extras)
+        for t in bwd:
+            assert not t.isnan().any()
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("cell", LN_CELLS)
+def test_ln_gpu_lengths_need_no_host_sync(cell):
+    """As for the plain cells: lengths on the GPU are read by the kernels, unchecked; neither
+    the forward nor the backward of a LayerNorm layer waits for the device."""
+    D, T, B, I, H = 2, 7, 5, 4, 8
+    x, h0, c0, weights, _ = ln_inputs(cell, D, T, B, I, H)
+    inp = ln_moved(x, h0, c0, weights)
+    lens = lengths_for("mixed", T, B).to(DEV)
+    cot = [w.to(DEV) for w in out_weights([torch.empty(T, B, D * H), torch.empty(D, B, H),
+                                           torch.empty(D, B, H)])]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for rev in (False, True):
+            ln_run(F.ln_layer, cell, *inp, lens, rev, cot=cot[:3 if cell == "lstm" else 2])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

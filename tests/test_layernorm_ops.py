@@ -224,10 +224,4 @@ def test_gru_rejects_lstm_only_arguments():
     with pytest.raises(RuntimeError, match="lnc_w is only used by cell 'lstm'"):
         ops.ln_forward(*args)
 
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_is_not_implemented_yet():
-    x, h0, c0, weights, _ = ln_inputs("gru", 1, 3, 2, 3, 4, torch.float32)
-    cuda = lambda t: None if t is None else t.detach().cuda()  # noqa: E731
-    with pytest.raises(NotImplementedError, match="not implemented on CUDA"):
-        F.ln_layer("gru", cuda(x), cuda(h0), None, [tuple(cuda(w) for w in weights[0])])
+# On CUDA: tests/test_cuda.py (test_ln_*), against these CPU kernels.

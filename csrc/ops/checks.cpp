@@ -134,9 +134,6 @@ Shapes check_ln(const std::string& cell, const at::Tensor& gx, const at::Tensor&
   Shapes s = check_cell_and_x(cell, gx);
   TORCH_CHECK(s.kind == CellKind::LSTM || s.kind == CellKind::GRU,
               "fastrnn: LayerNorm cells are 'lstm' and 'gru', got '", cell, "'");
-  TORCH_CHECK_NOT_IMPLEMENTED(!gx.is_cuda(),
-                              "fastrnn: LayerNorm cells are not implemented on CUDA yet "
-                              "(CPU only)");
   TORCH_CHECK(w_hh.dim() == 3 && (w_hh.size(0) == 1 || w_hh.size(0) == 2) &&
                   w_hh.size(1) > 0 && w_hh.size(1) == s.G * w_hh.size(2),
               "fastrnn: w_hh must be 3-D [directions (1 or 2), ", s.G,

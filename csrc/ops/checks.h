@@ -49,17 +49,16 @@ void check_backward_rest(const Shapes& s, const at::Tensor& x, const at::Tensor&
                          const at::Tensor& dh_n, const at::Tensor& dc_n,
                          const at::Tensor& lengths, const at::Tensor& cprev, const at::Tensor& m);
 
-// resets: bool [T, B] on x's device, or absent. Not implemented on CUDA yet
-// (NotImplementedError there rather than ignored).
+// resets: bool [T, B] on x's device, or absent.
 void check_resets(const c10::optional<at::Tensor>& resets, const at::Tensor& x, const Shapes& s);
 
 // Zoneout weights: zoneout_h [D, T, B, P] and, for LSTM, zoneout_c [D, T, B, H] (both or
-// neither), x's dtype and device, or absent. CPU only for now, as resets.
+// neither), x's dtype and device, or absent.
 void check_zoneout(const c10::optional<at::Tensor>& zoneout_h,
                    const c10::optional<at::Tensor>& zoneout_c, const at::Tensor& x,
                    const Shapes& s);
 
-// Recurrent dropout mask rec_mask [D, B, P], x's dtype and device, or absent. CPU only.
+// Recurrent dropout mask rec_mask [D, B, P], x's dtype and device, or absent.
 void check_rec_mask(const c10::optional<at::Tensor>& rec_mask, const at::Tensor& x,
                     const Shapes& s);
 

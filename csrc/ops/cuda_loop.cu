@@ -171,7 +171,7 @@ void cuda_backward_loop(const LoopTensors& a) {
     const int D = static_cast<int>(a.s.D);
     BackwardParams<E> p[cuda::kMaxDirs];
     for (int d = 0; d < D; ++d) p[d] = backward_params<scalar_t, E>(a, d);
-    at::Tensor ws_acc = at::empty({cuda::backward_workspace_acc(p[0], D)},
+    at::Tensor ws_acc = at::empty({cuda::backward_workspace_acc(p[0], a.s.G, D)},
                                   a.dgx.options().dtype(acc_scalar_type(a.dgx.scalar_type())));
     at::Tensor ws = at::empty({cuda::backward_workspace(p[0], a.s.G, D)}, a.dgx.options());
     auto* acc = static_cast<cuda::acc_t<E>*>(ws_acc.data_ptr());
@@ -192,6 +192,8 @@ void cuda_backward_loop(const LoopTensors& a) {
 TORCH_LIBRARY_IMPL(fastrnn, CUDA, m) {
   m.impl("forward", &forward_op);
   m.impl("backward", &backward_op);
+  m.impl("ln_forward", &ln_forward_op);
+  m.impl("ln_backward", &ln_backward_op);
 }
 
 }  // namespace fastrnn

@@ -207,7 +207,8 @@ ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx_, const a
   check_extras(s, gx_, resets, zoneout_h, zoneout_c, rec_mask);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool lstm = s.kind == CellKind::LSTM;
-  if (lengths.has_value()) check_length_values(*lengths, s.T);
+  // As forward_op: host-side lengths only (device-side ones are read unchecked, no sync).
+  if (lengths.has_value() && !gx_.is_cuda()) check_length_values(*lengths, s.T);
 
   LoopTensors a;
   a.s = s;
@@ -240,7 +241,10 @@ ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx_, const a
   a.h0 = h0.contiguous();
   a.c0 = contig(c0);
   set_extras(a, lengths, resets, zoneout_h, zoneout_c, rec_mask);
-  cpu_forward_loop(a);
+  if (gx_.is_cuda())
+    cuda_forward_loop(a);
+  else
+    cpu_forward_loop(a);
   return out;
 }
 
@@ -273,7 +277,7 @@ LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Te
                 "fastrnn: ln_rstd must be forward's [", s.D, ", ", s.T, ", ", s.B, ", 2] ",
                 gx.scalar_type(), " tensor on ", gx.device(), ", got ", ln_rstd.sizes());
   }
-  if (const at::Tensor* len = opt(lengths)) check_length_values(*len, s.T);
+  if (const at::Tensor* len = opt(lengths); len && len->is_cpu()) check_length_values(*len, s.T);
   check_extras(s, gx, resets, zoneout_h, zoneout_c, rec_mask);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool lstm = s.kind == CellKind::LSTM;
@@ -311,7 +315,10 @@ LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Te
     a.gates = gates.contiguous();
     a.hprev = hprev.contiguous();
     a.cprev = cprev.contiguous();
-    cpu_backward_loop(a);
+    if (gx.is_cuda())
+      cuda_backward_loop(a);
+    else
+      cpu_backward_loop(a);
   }
 
   // Parameter gradients as large GEMMs and column sums over all steps at once. W_hh saw

@@ -171,9 +171,6 @@ def ln_layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, eps=1e-5,
     [3H] (or None) and ln_c_* None. LN_ih and LN_hh weights/biases are [G*H]. The math is
     ``fastrnn.reference.ln_lstm`` / ``ln_gru``; other arguments and the result as ``layer``.
     """
-    if x.device.type == "cuda":
-        raise NotImplementedError("fastrnn: LayerNorm cells are not implemented on CUDA yet "
-                                  "(CPU only)")
     if _half_on_cpu(x):
         names = ("w_ih", "w_hh", "b_ih", "b_hh", "ln_ih_w", "ln_ih_b", "ln_w", "ln_b", "lnc_w",
                  "lnc_b")

@@ -7,10 +7,14 @@
 // (a strided-batched GEMM with one matrix per direction), followed by one pointwise kernel
 // over [D, B, H] that does the gate math of cells.h, the lengths masking and the state
 // writes of every direction; an LSTM projection adds one more batched GEMM and one small
-// kernel over [D, B, P] per step. Direction d's step s is at time s, or T-1-s when it runs
-// reversed, so the two directions of a bidirectional layer advance together from opposite
-// ends. Everything runs in order on one stream, so a step's kernels see the previous step's
-// writes without any synchronisation, and the host never waits on the device.
+// kernel over [D, B, P] per step. The LayerNorm cells (cells.h: LnLstm, LnGru) run the same
+// loop with a kernel of one block per (direction, batch row) in place of the pointwise one
+// (layer_norm.cu), since normalising needs the statistics of a whole row; their recurrent
+// GEMM backward multiplies W_hh by the LayerNorm's input gradient instead of dgh.
+// Direction d's step s is at time s, or T-1-s when it runs reversed, so the two directions
+// of a bidirectional layer advance together from opposite ends. Everything runs in order on
+// one stream, so a step's kernels see the previous step's writes without any
+// synchronisation, and the host never waits on the device.
 //
 // Lengths are read by the kernels only (they may live in device memory) and are not
 // range-checked: a row is valid at time t iff t < lengths[b], so a negative length acts as
@@ -167,6 +171,61 @@ struct ProjectGradStep {
   ProjectGradStepDir<T> dir[kMaxDirs];
 };
 
+// LayerNorm cells (cells.h: LnLstm, LnGru; never a projection, so P == H). A step takes the
+// plain step's arguments and these per direction (params.h has the LayerNorm fields). Its
+// kernel runs one block per (direction, batch row): the normalisation needs statistics of
+// the row's whole gate vector. The plain step's gh is then the raw h W_hh^T, and the saved
+// `gates` hold the norms (cells.h): norm(h W_hh^T) [G*H], then LnLstm's norm(c) [H].
+template <class T>
+struct LnForwardDir {
+  const T* ln_w = nullptr;       // [G*H] LN_hh's weight
+  const T* ln_b = nullptr;       // [G*H] LN_hh's bias
+  const T* gx_w = nullptr;       // [G*H] LN_ih's weight: the input parts are gx * gx_w + gx_b
+  const T* gx_b = nullptr;       // [G*H] LN_ih's bias (plus the input bias)
+  const T* lnc_w = nullptr;      // [H] LN_c's weight (LnLstm), else nullptr
+  const T* lnc_b = nullptr;      // [H] LN_c's bias (LnLstm)
+  T* rstd = nullptr;             // [B, 2] out at the step's time: 1/sqrt(var + eps) of the
+                                 //   recurrent gate vector, and of c (LnLstm; else 0); 0 on
+                                 //   padded rows; nullptr when not saving
+  acc_t<T>* stash = nullptr;     // [B, 2, H] workspace (LnLstm): the new c before zoneout,
+                                 //   then the activated o, kept between the kernel's passes
+};
+
+template <class T>
+struct LnForwardStep {
+  ForwardStep<T> step;           // the plain step's arguments
+  acc_t<T> eps = 0;              // LayerNorm's epsilon
+  LnForwardDir<T> ln[kMaxDirs];
+};
+
+template <class T>
+struct LnBackwardDir {
+  const T* gx = nullptr;         // [B, ldgx] the normalised input projections at t
+  const T* gx_w = nullptr;       // [G*H] as in LnForwardDir
+  const T* gx_b = nullptr;       // [G*H]
+  const T* ln_w = nullptr;       // [G*H]
+  const T* ln_b = nullptr;       // [G*H]
+  const T* b_hh = nullptr;       // [G*H] or nullptr
+  const T* lnc_w = nullptr;      // [H] LnLstm, else nullptr
+  const T* lnc_b = nullptr;      // [H] LnLstm
+  const T* rstd = nullptr;       // [B, 2] saved by forward at t
+  T* draw = nullptr;             // [B, ldg] out (first G*H): d(h W_hh^T), the LayerNorm's input;
+                                 //   zero on padded rows. The step's `dg` (two directions)
+                                 //   receives it packed, for the recurrent GEMM.
+  T* dlnc = nullptr;             // [B, H] out (LnLstm): d(lnc_w * norm(c) + lnc_b); zero on
+                                 //   padded rows
+  acc_t<T>* dgate = nullptr;     // [B, G*H] workspace: the recurrent parts' gradient (dgh)
+                                 //   between the kernel's passes
+  acc_t<T>* du = nullptr;        // [B, H] workspace (LnLstm): dlnc before rounding
+};
+
+template <class T>
+struct LnBackwardStep {
+  BackwardStep<T> step;          // the plain step's arguments (dgh: w.r.t. LN_hh's output)
+  int64_t ldgx = 0;              // row stride of gx (>= G*H)
+  LnBackwardDir<T> ln[kMaxDirs];
+};
+
 // fn(Cell{}) with the cells.h type of `kind` (host side: picks a kernel's template).
 template <class Fn>
 inline void with_cell(CellKind kind, Fn&& fn) {
@@ -203,6 +262,13 @@ cudaError_t accumulate(int64_t n, const A* in, A* out, cudaStream_t stream);
 // reset's gradients to dh0acc/dc0acc (see Extras). Only when a direction has either.
 template <class T>
 cudaError_t backward_tail_step(const BackwardStep<T>& a, cudaStream_t stream);
+// LayerNorm cells (kind LSTM: LnLstm, GRU: LnGru; layer_norm.cu): the step's gate math after
+// the recurrent GEMM, as forward_step and backward_step do for the plain cells. The backward
+// leaves dh as backward_step does (the direct part, before the GEMM adds draw W_hh).
+template <class T>
+cudaError_t ln_forward_step(CellKind kind, const LnForwardStep<T>& a, cudaStream_t stream);
+template <class T>
+cudaError_t ln_backward_step(CellKind kind, const LnBackwardStep<T>& a, cudaStream_t stream);
 
 // The whole forward, or the recurrent part of the whole backward, of a layer without
 // projection in one cooperative launch, with each block's slice of W_hh in shared memory for
@@ -355,6 +421,53 @@ __host__ __device__ inline BackwardStep<T> backward_step_args(const BackwardPara
   return a;
 }
 
+// LayerNorm cells: ln_forward_step's arguments for the step whose plain arguments are `step`
+// (forward_step_args), with the workspace stash [D, B, 2, H] (LnLstm).
+template <class T>
+inline LnForwardStep<T> ln_forward_step_args(const ForwardParams<T>* p, int D,
+                                             const ForwardStep<T>& step, acc_t<T>* stash) {
+  const int64_t B = p[0].B, H = p[0].H;
+  LnForwardStep<T> a;
+  a.step = step;
+  a.eps = static_cast<acc_t<T>>(p[0].eps);
+  for (int d = 0; d < kMaxDirs; ++d) {
+    const int e = d < D ? d : 0;
+    const ForwardParams<T>& q = p[e];
+    LnForwardDir<T>& r = a.ln[d];
+    r.ln_w = q.ln_w; r.ln_b = q.ln_b; r.gx_w = q.gx_w; r.gx_b = q.gx_b;
+    r.lnc_w = q.lnc_w; r.lnc_b = q.lnc_b;
+    r.rstd = q.ln_rstd != nullptr ? q.ln_rstd + step.dir[d].t * B * 2 : nullptr;
+    r.stash = q.lnc_w != nullptr ? stash + e * B * 2 * H : nullptr;
+  }
+  return a;
+}
+
+// The same for ln_backward_step, with the workspace ws: dgate [D, B, G*H], then du
+// [D, B, H] (LnLstm).
+template <class T>
+inline LnBackwardStep<T> ln_backward_step_args(const BackwardParams<T>* p, int D, int G,
+                                               const BackwardStep<T>& step, acc_t<T>* ws) {
+  const int64_t B = p[0].B, H = p[0].H;
+  LnBackwardStep<T> a;
+  a.step = step;
+  a.ldgx = p[0].ldgx;
+  for (int d = 0; d < kMaxDirs; ++d) {
+    const int e = d < D ? d : 0;
+    const BackwardParams<T>& q = p[e];
+    const int64_t t = step.dir[d].t;
+    LnBackwardDir<T>& r = a.ln[d];
+    r.gx = q.gx + t * B * q.ldgx;
+    r.gx_w = q.gx_w; r.gx_b = q.gx_b; r.ln_w = q.ln_w; r.ln_b = q.ln_b; r.b_hh = q.b_hh;
+    r.lnc_w = q.lnc_w; r.lnc_b = q.lnc_b;
+    r.rstd = q.ln_rstd + t * B * 2;
+    r.draw = q.draw + t * B * q.ldg;
+    r.dlnc = q.dlnc != nullptr ? q.dlnc + t * B * H : nullptr;
+    r.dgate = ws + e * B * G * H;
+    r.du = q.lnc_w != nullptr ? ws + D * B * G * H + e * B * H : nullptr;
+  }
+  return a;
+}
+
 template <class Params>
 inline bool has_extras(const Params& p) {
   return p.resets != nullptr || p.zoneout_h != nullptr || p.rec_mask != nullptr;
@@ -363,7 +476,8 @@ inline bool has_extras(const Params& p) {
 // Workspace sizes for D directions, in elements of acc_t<T> and of T.
 template <class T>
 inline int64_t forward_workspace_acc(const ForwardParams<T>& p, int gates, int D) {
-  return D * (p.B * gates * p.H + p.B * p.H);  // gh [D, B, G*H], c [D, B, H]
+  // gh [D, B, G*H], c [D, B, H]; then LnLstm's stash [D, B, 2, H].
+  return D * (p.B * gates * p.H + p.B * p.H) + (p.lnc_w ? D * 2 * p.B * p.H : 0);
 }
 template <class T>
 inline int64_t forward_states_workspace(const ForwardParams<T>& p, int D) {
@@ -377,10 +491,16 @@ inline int64_t forward_workspace(const ForwardParams<T>& p, int D) {
   return forward_states_workspace(p, D) + (p.rec_mask ? D * 2 * p.B * p.P : 0);
 }
 template <class T>
-inline int64_t backward_workspace_acc(const BackwardParams<T>& p, int D) {
+inline int64_t backward_extras_workspace(const BackwardParams<T>& p, int D) {
+  return has_extras(p) ? D * (3 * p.B * p.P + p.B * p.H) : 0;
+}
+template <class T>
+inline int64_t backward_workspace_acc(const BackwardParams<T>& p, int gates, int D) {
   // dh [D, B, P], dc [D, B, H], dm [D, B, H]; then, with resets, zoneout or recurrent
-  // dropout, dz [D, B, P], drec [D, B, P], dh0acc [D, B, P] and dc0acc [D, B, H].
-  return D * (p.B * p.P + 2 * p.B * p.H) + (has_extras(p) ? D * (3 * p.B * p.P + p.B * p.H) : 0);
+  // dropout, dz [D, B, P], drec [D, B, P], dh0acc [D, B, P] and dc0acc [D, B, H]; then,
+  // for LayerNorm cells, dgate [D, B, G*H] and du [D, B, H] (LnLstm).
+  const int64_t ln = p.layer_norm() ? D * p.B * (gates * p.H + (p.lnc_w ? p.H : 0)) : 0;
+  return D * (p.B * p.P + 2 * p.B * p.H) + backward_extras_workspace(p, D) + ln;
 }
 template <class T>
 inline int64_t backward_workspace(const BackwardParams<T>& p, int gates, int D) {
@@ -407,12 +527,14 @@ cudaError_t forward(CellKind kind, const ForwardParams<T>* p, int D, const Gemm&
                     acc_t<T>* ws_acc, T* ws, cudaStream_t stream) {
   using A = acc_t<T>;
   if (D < 1 || D > kMaxDirs) return cudaErrorInvalidValue;
-  const int G = gates_of(kind), S = saved_of(kind);
+  const bool ln = p[0].layer_norm();
+  const int G = gates_of(kind), S = saved_of(kind, ln);
   const bool lstm = kind == CellKind::LSTM;
   const int64_t Tn = p[0].T, B = p[0].B, H = p[0].H, P = p[0].P, GH = G * H;
   const bool proj = p[0].w_hr != nullptr;
   A* gh = ws_acc;          // [D, B, G*H]
   A* c = gh + D * B * GH;  // [D, B, H]
+  A* stash = c + D * B * H;  // [D, B, 2, H] (LayerNorm LSTM)
   T* hbuf = ws;                  // [D, 2, B, P] (inference)
   T* mbuf = ws + D * 2 * B * P;  // [D, B, H] (inference with projection)
   T* hrec = ws + forward_states_workspace(p[0], D);  // [D, 2, B, P] (recurrent dropout)
@@ -438,7 +560,10 @@ cudaError_t forward(CellKind kind, const ForwardParams<T>* p, int D, const Gemm&
     if (s_hin < 0 || s_hout < 0 || s_m < 0) return cudaErrorInvalidValue;  // see above
     gemm(D, B, GH, P, hin[0], P, s_hin, w_hh[0], P, dir_stride(w_hh, D), true, false, gh,
          GH, B * GH);
-    FASTRNN_CUDA_TRY(forward_step(kind, a, stream));
+    if (ln)
+      FASTRNN_CUDA_TRY(ln_forward_step(kind, ln_forward_step_args(p, D, a, stash), stream));
+    else
+      FASTRNN_CUDA_TRY(forward_step(kind, a, stream));
 
     if (proj) {  // h = m W_hr^T, then the masking of the projected state
       gemm(D, B, P, H, static_cast<const T*>(m[0]), H, s_m, w_hr[0], H, dir_stride(w_hr, D),
@@ -470,7 +595,8 @@ cudaError_t backward(CellKind kind, const BackwardParams<T>* p, int D, const Gem
                      acc_t<T>* ws_acc, T* ws, cudaStream_t stream) {
   using A = acc_t<T>;
   if (D < 1 || D > kMaxDirs) return cudaErrorInvalidValue;
-  const int G = gates_of(kind), S = saved_of(kind);
+  const bool ln = p[0].layer_norm();
+  const int G = gates_of(kind), S = saved_of(kind, ln);
   const bool lstm = kind == CellKind::LSTM;
   const int64_t Tn = p[0].T, B = p[0].B, H = p[0].H, P = p[0].P, GH = G * H;
   const bool proj = p[0].w_hr != nullptr;
@@ -478,6 +604,7 @@ cudaError_t backward(CellKind kind, const BackwardParams<T>* p, int D, const Gem
   A* dc = dh + D * B * P;  // [D, B, H]
   A* dm = dc + D * B * H;  // [D, B, H]
   A* extra = dm + D * B * H;  // dz, drec, dh0acc [D, B, P] and dc0acc [D, B, H] (extras)
+  A* ln_ws = extra + backward_extras_workspace(p[0], D);  // dgate, du (LayerNorm)
   T* dg = ws;              // [D, B, G*H] (two directions)
   const bool resets = p[0].resets != nullptr, dropout = p[0].rec_mask != nullptr;
   if (resets) {
@@ -528,13 +655,22 @@ cudaError_t backward(CellKind kind, const BackwardParams<T>* p, int D, const Gem
            dir_stride(w_hr, D), false, false, dm, H, B * H);
     }
 
-    FASTRNN_CUDA_TRY(backward_step(kind, a, stream));
+    // The gate gradients; for LayerNorm cells also LN_hh's backward, whose result draw
+    // (the gradient w.r.t. h W_hh^T) then takes dgh's place in the recurrent GEMM.
+    const T* rec_grad = a.dir[0].dgh;
+    if (ln) {
+      const LnBackwardStep<T> l = ln_backward_step_args(p, D, G, a, ln_ws);
+      FASTRNN_CUDA_TRY(ln_backward_step(kind, l, stream));
+      rec_grad = l.ln[0].draw;
+    } else {
+      FASTRNN_CUDA_TRY(backward_step(kind, a, stream));
+    }
 
     // dh_prev = direct part + dgh W_hh. Padded rows have dgh = 0 and keep dh unchanged.
     // One direction reads dgh where it lies; two read the packed copy (their slices of
     // dgh lie in either order, which no batch stride >= 0 describes).
     // With recurrent dropout the product goes to drec and is masked into dh after.
-    const T* dgh0 = D > 1 ? static_cast<const T*>(dg) : a.dir[0].dgh;
+    const T* dgh0 = D > 1 ? static_cast<const T*>(dg) : rec_grad;
     gemm(D, B, P, GH, dgh0, D > 1 ? GH : p[0].ldg, B * GH, w_hh[0], P, dir_stride(w_hh, D),
          false, !dropout, dropout ? a.dir[0].x.drec : dh, P, B * P);
     if (resets || dropout) FASTRNN_CUDA_TRY(backward_tail_step(a, stream));
