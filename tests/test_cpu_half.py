@@ -133,21 +133,18 @@ def bf16(t):
     return t.to(torch.bfloat16).double()
 
 
-def rounded_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, rec_mask, bf16_step):
-    """One direction of fastrnn::forward with bf16_gemms=True, in float64: the input
-    projection (from bfloat16 operands, its product rounded to bfloat16 as torch's autocast
-    matmul, when it has 2^24 multiply-adds or more) plus b_ih; the recurrent product from
-    W_hh and the h fed to it (h * rec_mask) rounded to bfloat16 when bf16_step, exact
-    otherwise. Returns y [T, B, P]."""
+def rounded_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, rec_mask, product):
+    """One direction of fastrnn::forward with bf16_gemms=True, in float64 (differentiable):
+    the input projection (from bfloat16 operands, its product rounded to bfloat16 as
+    torch's autocast matmul, when it has 2^24 multiply-adds or more) plus b_ih; the
+    recurrent product product(h fed to it) (h * rec_mask) plus b_hh. Returns y [T, B, P]."""
     if x.shape[0] * x.shape[1] * x.shape[2] * w_ih.shape[0] >= 1 << 24:
         gx = bf16(bf16(x) @ bf16(w_ih).t()) + b_ih.double()
     else:
         gx = x.double() @ w_ih.double().t() + b_ih.double()
-    w = bf16(w_hh) if bf16_step else w_hh.double()
     h, c, ys = h0.double(), None if c0 is None else c0.double(), []
     for t in range(x.shape[0]):
-        hin = h * rec_mask.double() if rec_mask is not None else h
-        hg = (bf16(hin) if bf16_step else hin) @ w.t() + b_hh.double()
+        hg = product(h * rec_mask.double() if rec_mask is not None else h) + b_hh.double()
         if cell == "lstm":
             i, f, g, o = (gx[t] + hg).chunk(4, 1)
             c = f.sigmoid() * c + i.sigmoid() * g.tanh()
@@ -162,6 +159,14 @@ def rounded_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, rec_mask, b
             h = (gx[t] + hg).tanh()
         ys.append(h)
     return torch.stack(ys)
+
+
+def rounded_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, rec_mask, bf16_step):
+    """rounded_layer with W_hh and the h fed to it rounded to bfloat16 when bf16_step, exact
+    otherwise."""
+    w = bf16(w_hh) if bf16_step else w_hh.double()
+    return rounded_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, rec_mask,
+                         lambda h: (bf16(h) if bf16_step else h) @ w.t())
 
 
 BF16_STEP = "avx512_bf16" in fastrnn.cpu_capabilities()["features"]
@@ -210,3 +215,82 @@ def test_bf16_recurrent_step(case):
     err = (y.double() - want).abs().max().item()
     assert err < 2e-5, err
     assert (y.double() - other).abs().max().item() > 20 * err  # the other path is told apart
+
+
+class _RecurrentProduct(torch.autograd.Function):
+    """h @ w.t() in float64 with the bf16 step's roundings: forward from bfloat16 h and W_hh
+    when fwd16, backward dh = dgates @ W_hh from bfloat16 dgates and W_hh when bwd16."""
+
+    @staticmethod
+    def forward(ctx, h, w, fwd16, bwd16):
+        ctx.save_for_backward(w)
+        ctx.bwd16 = bwd16
+        return (bf16(h) @ bf16(w).t()) if fwd16 else h @ w.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return ((bf16(grad) @ bf16(w)) if ctx.bwd16 else grad @ w), None, None, None
+
+
+def rounded_state_gradients(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, mask, gy, fwd16,
+                            bwd16):
+    """dx, dh0 (and dc0) of sum(y * gy) for rounded_layer in float64, the recurrent products
+    rounded as _RecurrentProduct says (the input projection and dx exact: shapes below the
+    bf16 GEMMs' size)."""
+    inputs = [t.double().requires_grad_() for t in (x, h0) + (() if c0 is None else (c0,))]
+    y = rounded_layer(cell, inputs[0], inputs[1], inputs[2] if c0 is not None else None, w_ih,
+                      w_hh, b_ih, b_hh, w_hr, mask,
+                      lambda h: _RecurrentProduct.apply(h, w_hh.double(), fwd16, bwd16))
+    return torch.autograd.grad((y * gy.double()).sum(), inputs)
+
+
+@pytest.mark.parametrize("case", [
+    ("lstm", 1, 300, 0, False), ("lstm", 16, 256, 0, False), ("gru", 1, 211, 0, False),
+    ("gru", 8, 256, 0, True), ("rnn_tanh", 2, 512, 0, False), ("rnn_tanh", 16, 400, 0, True),
+    ("lstm", 5, 256, 129, True), ("lstm", 2, 300, 171, False),
+], ids=lambda c: "%s-B%d-H%d-proj%d%s" % (c[0], c[1], c[2], c[3], "-recdrop" if c[4] else ""))
+def test_bf16_recurrent_backward(case):
+    """Where the forward's recurrent product takes bfloat16 operands (bfloat16_recurrent_step)
+    and H is even, the backward's dgates W_hh does too (dgates and W_hh rounded to bfloat16,
+    float32 sums): dx, dh0 and dc0 are those of the rounding reference, told apart from those of
+    the float32 product. Elsewhere (odd H, other CPUs) it stays float32."""
+    from fastrnn import ops
+
+    cell, B, H, proj, recdrop = case
+    T, I, P = 5, 9, proj or H
+    G = {"lstm": 4, "gru": 3, "rnn_tanh": 1}[cell]
+    g = torch.Generator().manual_seed(B * 1000 + H)
+    u = lambda *s: (torch.rand(*s, generator=g) * 2 - 1) / H ** 0.5  # noqa: E731
+    x, h0 = torch.randn(T, B, I, generator=g), torch.randn(B, P, generator=g)
+    c0 = torch.randn(B, H, generator=g) if cell == "lstm" else None
+    w_ih, w_hh, b_ih, b_hh = u(G * H, I), u(G * H, P), u(G * H), u(G * H)
+    w_hr = u(P, H) if proj else None
+    mask = (torch.rand(B, P, generator=g) > 0.3).float() / 0.7 if recdrop else None
+    gy = torch.randn(T, B, P, generator=g)
+    if not ops._BF16_DOT:
+        pytest.skip("no bf16 GEMMs on this CPU: the float32 layer runs (test_half_*)")
+    narrow = B <= {"lstm": 3, "gru": 2, "rnn_tanh": 3}[cell]  # Isa::narrow_rows on AVX-512
+    caps = fastrnn.cpu_capabilities()
+    fwd16 = (narrow or caps["bfloat16_recurrent_step_all_batches"]) and \
+        G * H * P * 4 >= 512 << 10 and caps["bfloat16_recurrent_step"]
+    bwd16 = fwd16 and H % 2 == 0
+
+    d = lambda t: None if t is None else t[None].requires_grad_()  # noqa: E731
+    xs, hs, cs = x.clone().requires_grad_(), d(h0), d(c0)
+    y = ops.run_forward(cell, xs, hs, cs, w_ih[None], w_hh[None], b_ih[None], b_hh[None],
+                        None if w_hr is None else w_hr[None], None, False, True, None, None,
+                        None, None if mask is None else mask[None], True)[0]
+    got = torch.autograd.grad((y * gy).sum(), [xs, hs] + ([] if c0 is None else [cs]))
+    args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, mask, gy, fwd16)
+    want = rounded_state_gradients(*args, bwd16)
+    other = rounded_state_gradients(*args, not bwd16)
+    def error(ref):  # norm-wise, the largest over dx, dh0, dc0
+        return max(((a.double().reshape(b.shape) - b).norm() / b.norm()).item()
+                   for a, b in zip(got, ref))
+
+    # float32 sums differ from float64 ones, so a few gate gradients round to the other
+    # neighbouring bfloat16 (each such flip moves dh0 by about 2^-8 / sqrt(G*H)): the
+    # rounding reference is not met to float32 precision, but told apart from the other.
+    err, apart = error(want), error(other)
+    assert err < 5e-4 and err < apart / 5, (err, apart)

@@ -100,6 +100,9 @@ struct BackwardParams {
   Scalar* dh0 = nullptr;            // [B, P] out: gradient w.r.t. h0 (also through resets)
   Scalar* dc0 = nullptr;            // [B, H] out: gradient w.r.t. c0 (LSTM only)
   Scalar* dhtot = nullptr;          // [T, B, P] out: total dL/dh per step, for dW_hr (proj only)
+  // The recurrent product dgates W_hh with bfloat16 operands (W_hh and the gate gradients
+  // fed to it rounded once), float32 sums, under ForwardParams::bf16_step's rules.
+  bool bf16_step = false;
 };
 
 // Whether the state entering step t of row b is replaced by the initial state (h0, c0).

@@ -41,7 +41,7 @@ at::Tensor valid_rows(const c10::optional<at::Tensor>& lengths, int64_t T, int64
 // Never returned to the caller. On CUDA, torch's caching allocator already reuses memory.
 // Each call wraps the memory in a tensor of its own, so the tensor belongs to the call's
 // mode (an inference tensor under torch.inference_mode, a normal one otherwise).
-enum Scratch { kGx, kDgx, kDgh, kScratchSlots };
+enum Scratch { kGx, kDgx, kDgh, kBf16A, kBf16B, kBf16Product, kBf16Dgx, kScratchSlots };
 at::Tensor scratch(Scratch slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
   if (opts.device().is_cuda()) return at::empty(shape, opts);
   thread_local at::Tensor cache[kScratchSlots];  // the memory only
@@ -54,21 +54,39 @@ at::Tensor scratch(Scratch slot, at::IntArrayRef shape, const at::TensorOptions&
   return at::from_blob(t.data_ptr(), shape, opts);
 }
 
+// t in bfloat16, as an operand of the bfloat16 GEMMs: t itself when it already is, else a
+// copy in `slot`'s scratch memory (a transposed view stays one, over a copy of its base).
+at::Tensor bf16_operand(const at::Tensor& t, Scratch slot) {
+  if (t.scalar_type() == at::kBFloat16) return t;
+  const bool transposed = t.dim() == 2 && t.stride(0) == 1 && t.size(1) > 1;
+  const at::Tensor src = transposed ? t.t() : t;
+  at::Tensor copy = scratch(slot, src.sizes(), src.options().dtype(at::kBFloat16)).copy_(src);
+  return transposed ? copy.t() : copy;
+}
+
 // a [M, K] @ b [K, N] (+ bias [N]) into out [M, N] (a new tensor when undefined): on the
 // CPU fastrnn's own GEMM (any strides, so transposed views cost no copy; the same bits for
 // any thread count and the same speed on any vendor's CPU), on CUDA ATen's (cuBLAS).
 // bf16: a float32 GEMM with bfloat16 operands (CPU autocast on a CPU with bf16 dot
 // products): ATen's bfloat16 matmul, oneDNN's AMX or AVX512_BF16 kernels, the product
 // rounded to bfloat16 as torch's own autocast matmuls are, the result in float32. Only
-// from 2^24 multiply-adds: below, the casts cost more than the faster products save
-// (measured at 100 x 256 x 256: 58 us against 41 us for fastrnn's float32 GEMM).
+// from 2^24 multiply-adds (below, the casts cost more than the faster products save:
+// measured at 100 x 256 x 256: 58 us against 41 us for fastrnn's float32 GEMM), or when
+// the caller passes an operand already in bfloat16 (one copy shared by several GEMMs).
+// The bfloat16 copies and the product live in scratch memory: fresh blocks of this size
+// cost more in page faults than the copies themselves.
 constexpr int64_t kMinBf16Gemm = int64_t(1) << 24;
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {},
                 at::Tensor out = {}, bool bf16 = false) {
-  if (bf16 && !a.is_cuda() && a.size(0) * a.size(1) * b.size(1) >= kMinBf16Gemm) {
-    at::Tensor c = at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16)).to(a.scalar_type());
-    if (bias.defined()) c.add_(bias);
-    return out.defined() ? out.copy_(c) : c;
+  const bool given16 = a.scalar_type() == at::kBFloat16 || b.scalar_type() == at::kBFloat16;
+  if (!a.is_cuda() && (given16 || (bf16 && a.size(0) * a.size(1) * b.size(1) >= kMinBf16Gemm))) {
+    const at::Tensor a16 = bf16_operand(a, kBf16A), b16 = bf16_operand(b, kBf16B);
+    at::Tensor c16 = scratch(kBf16Product, {a.size(0), b.size(1)}, a16.options());
+    at::mm_out(c16, a16, b16);
+    if (!out.defined()) out = at::empty(c16.sizes(), c16.options().dtype(at::kFloat));
+    out.copy_(c16);
+    if (bias.defined()) out.add_(bias);
+    return out;
   }
   if (a.is_cuda()) {
     if (!out.defined()) return bias.defined() ? at::addmm(bias, a, b) : at::mm(a, b);
@@ -413,6 +431,7 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
     a.gates = gates.contiguous();
     a.hprev = hprev.contiguous();
     a.cprev = cprev.contiguous();
+    a.bf16_step = bf16_gemms && !x.is_cuda();
     if (x.is_cuda())
       cuda_backward_loop(a);
     else
@@ -429,13 +448,18 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
                              ? take(a.dgh.view({TB, DGH}), rows, 0).view({N, s.D, GH})
                              : dgx.view({N, s.D, GH});                     // [N, D, G*H]
   const at::Tensor xv = take(x.view({TB, s.I}), rows, 0);
+  // Under bf16 GEMMs dgx feeds dx, dW_ih and (but for GRU) dW_hh: rounded once for all.
+  const at::Tensor dgx16 =
+      bf16_gemms && !x.is_cuda() && N * DGH * s.I >= kMinBf16Gemm ? bf16_operand(dgx, kBf16Dgx)
+                                                                    : dgx;
+  const at::Tensor dgh16 = s.kind == CellKind::GRU ? dgh : dgx16.view({N, s.D, GH});
   at::Tensor dx = empty0(x);
   if (input_grad) {
-    const at::Tensor dxv = gemm(dgx, w_ih.reshape({DGH, s.I}), {}, {}, bf16_gemms);
+    const at::Tensor dxv = gemm(dgx16, w_ih.reshape({DGH, s.I}), {}, {}, bf16_gemms);
     dx = rows.defined() ? at::zeros({TB, s.I}, x.options()).index_copy_(0, rows, dxv) : dxv;
     dx = dx.view({s.T, s.B, s.I});
   }
-  at::Tensor dw_ih = gemm(dgx.t(), xv, {}, {}, bf16_gemms).view({s.D, GH, s.I});
+  at::Tensor dw_ih = gemm(dgx16.t(), xv, {}, {}, bf16_gemms).view({s.D, GH, s.I});
   // W_hh saw h * rec_mask (recurrent dropout); hprev holds h itself.
   const at::Tensor* mask = opt(rec_mask);
   const at::Tensor hrec = mask && TB > 0 ? hprev.view({s.D, s.T, s.B, s.P}) * mask->unsqueeze(1)
@@ -446,7 +470,7 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
   std::vector<at::Tensor> dw_hh_d, db_hh_d, dw_hr_d;
   for (int64_t d = 0; d < s.D; ++d) {
     const at::Tensor g = dgh.select(1, d);  // [N, G*H], a strided view
-    dw_hh_d.push_back(gemm(g.t(), hp[d], {}, {}, bf16_gemms));
+    dw_hh_d.push_back(gemm(dgh16.select(1, d).t(), hp[d], {}, {}, bf16_gemms));
     if (s.kind == CellKind::GRU) db_hh_d.push_back(column_sum(g));
     if (s.proj) dw_hr_d.push_back(gemm(dht[d].t(), mv[d], {}, {}, bf16_gemms));
   }

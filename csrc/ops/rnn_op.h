@@ -92,7 +92,7 @@ struct LoopTensors {
   // LayerNorm cells (ln_w defined): LN_hh, LN_c, the saved 1/std; backward's draw, dlnc.
   at::Tensor ln_w, ln_b, lnc_w, lnc_b, gx_w, gx_b, ln_rstd, draw, dlnc;
   double eps = 0;
-  bool bf16_step = false;  // ForwardParams::bf16_step
+  bool bf16_step = false;  // ForwardParams::bf16_step, BackwardParams::bf16_step
 };
 
 // T: the tensor's scalar type; E: the element type the kernels see, of the same layout
@@ -169,6 +169,7 @@ BackwardParams<E> backward_params(const LoopTensors& a, int d) {
   p.ln_b = cptr<T, E>(at_d(a.ln_b)); p.b_hh = cptr<T, E>(at_d(a.b_hh));
   p.draw = a.draw.defined() ? mptr<T, E>(a.draw) + d * GH : nullptr;
   p.dlnc = mptr<T, E>(at_d(a.dlnc));
+  p.bf16_step = a.bf16_step;
   return p;
 }
 

@@ -39,7 +39,8 @@ def cpu_capabilities():
       operands (W_hh and the h fed to it rounded once, float32 sums; cells without
       LayerNorm): on a CPU with AVX512_BF16 running the avx512 kernels. Such a step streams
       half the bytes of W_hh. Larger batches keep a float32 step where it is bound by
-      multiply-adds that bf16 dot products do not speed up;
+      multiply-adds that bf16 dot products do not speed up. For an even hidden size the
+      backward's recurrent product (gate gradients times W_hh) follows the same rules;
     - ``bfloat16_recurrent_step_all_batches``: whether larger batches take that bfloat16
       step too, because this CPU's bf16 dot products do at least 1.5 times the multiply-adds
       per second of its float32 FMAs (measured once per process, at the first such step;

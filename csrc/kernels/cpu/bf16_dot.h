@@ -48,12 +48,44 @@ FASTRNN_INLINE uint32_t bf16_bits(float x) {
 
 // Values [k0, k1) of src (k0 even) as pairs: out[k / 2] for k = k0, k0 + 2, ...; a value at
 // or past n (the row's length) is zero. Pairs are int32_t, the lane type of Vec<int32_t>.
+// 16 values at a time, bf16_bits' rounding on integer lanes (the same bits).
 FASTRNN_INLINE void to_bf16_pairs(const float* src, int64_t k0, int64_t k1, int64_t n,
                                   int32_t* out) {
+  using U = uint32_t __attribute__((vector_size(64)));  // 16 lanes of float bits
+  using U16 = uint16_t __attribute__((vector_size(32)));
   int64_t k = k0;
+  for (; k + 16 <= std::min(k1, n); k += 16) {
+    U u;
+    std::memcpy(&u, src + k, sizeof(u));
+    const U high = u >> 16, rounded = (u + 0x7fffu + (high & 1u)) >> 16;
+    const U nan = (U)((u & 0x7fffffffu) > 0x7f800000u);  // all ones where NaN
+    const U bits = (nan & (high | 0x40u)) | (~nan & rounded);
+    const U16 halves = __builtin_convertvector(bits, U16);  // 16 values: 8 pairs
+    std::memcpy(out + k / 2, &halves, sizeof(halves));
+  }
   for (; k + 1 < k1 && k + 1 < n; k += 2)
     out[k / 2] = static_cast<int32_t>(bf16_bits(src[k]) | bf16_bits(src[k + 1]) << 16);
   for (; k < k1; k += 2) out[k / 2] = k < n ? static_cast<int32_t>(bf16_bits(src[k])) : 0;
+}
+
+// Columns [c0, c0 + nc) of w [K, ld] (value (k, c) at w[k * ld + c]) as pairs along k, in
+// panels of W columns: panel u is [K2][W] (K2 = ceil(K / 2)) holding the pair (w[2i][c],
+// w[2i + 1][c]) at (i, c - c0 - u * W); zero past nc and past K.
+// out: [ceil(nc / W)][K2][W].
+inline void pack_columns_bf16(const float* w, int64_t K, int64_t ld, int64_t c0, int64_t nc,
+                              int64_t W, int32_t* out) {
+  const int64_t K2 = (K + 1) / 2;
+  for (int64_t u = 0; u * W < nc; ++u)
+    for (int64_t i = 0; i < K2; ++i) {
+      int32_t* o = out + (u * K2 + i) * W;
+      const float* r0 = w + 2 * i * ld + c0 + u * W;
+      for (int64_t c = 0; c < W; ++c) {
+        const bool in = u * W + c < nc;
+        const uint32_t lo = in ? bf16_bits(r0[c]) : 0;
+        const uint32_t hi = in && 2 * i + 1 < K ? bf16_bits(r0[ld + c]) : 0;
+        o[c] = static_cast<int32_t>(lo | hi << 16);
+      }
+    }
 }
 
 // W_hh rows of units [j0, j0 + hs) as pairs, laid out as pack_gates lays out float32 with
@@ -110,6 +142,43 @@ __attribute__((target("avx512bf16"), noinline)) void tile_acc_bf16(int64_t K2, c
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[r][v].v = c[r][v];
+}
+
+// out[i, c] (+)= sum over k of a[i, k] * b[k, c] for rows [0, n), columns [0, nc): a as
+// pairs [n, K2] (row stride K2), b as pack_columns_bf16's panels of NV * 16 columns
+// ([ceil(nc / (NV * 16))][K2][NV * 16] pairs), out [n, ldo]; beta 0 (write) or 1 (add).
+// Each panel streams from L2 through row tiles of MR rows.
+template <int MR, int NV, class V>
+void recurrent_bf16(const int32_t* panels, int64_t K2, int64_t nc, const int32_t* a, int64_t n,
+                    float beta, float* out, int64_t ldo) {
+  constexpr int W = NV * 16;
+  for (int64_t c0 = 0; c0 < nc; c0 += W) {
+    const int32_t* panel = panels + c0 * K2;  // panel c0 / W
+    auto tile = [&](int64_t i0, auto rows) {
+      constexpr int R = decltype(rows)::value;
+      V acc[R][NV];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) acc[r][v] = V(0.f);
+      tile_acc_bf16<R, NV>(K2, a + i0 * K2, K2, panel, acc);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) {
+          const int64_t c = c0 + v * 16, m = std::min<int64_t>(16, nc - c);
+          if (m <= 0) break;
+          float* o = out + (i0 + r) * ldo + c;
+          if (m == 16)
+            (beta != 0 ? acc[r][v] + V::load(o) : acc[r][v]).store(o);
+          else
+            (beta != 0 ? acc[r][v] + V::load(o, static_cast<int>(m)) : acc[r][v]).store(o, static_cast<int>(m));
+        }
+    };
+    int64_t i0 = 0;
+    for (; i0 + MR <= n; i0 += MR) tile(i0, std::integral_constant<int, MR>{});
+    with_rows<MR - 1>(n - i0, [&](auto rows) { tile(i0, rows); });
+  }
 }
 
 // GFLOP/s of vdpbf16ps on one thread (2 flops per bf16 pair product), as fma_peak measures

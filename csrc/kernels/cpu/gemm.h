@@ -194,6 +194,7 @@ FASTRNN_INLINE void rows_of_panel(int64_t M, int64_t K, const T* a, int64_t ars,
 template <class T, int L, int MR, int NV>
 struct Gemm {
   using V = Vec<T, L>;
+  static constexpr int kMR = MR, kNV = NV;
   static constexpr int kWidth = NV * L;  // panel width
   // The same register budget one vector wider (8x3 -> 6x4 on AVX-512): for an N that is a
   // multiple of its width and not of ours (256, 512, ...), no column of the last panel is

@@ -45,9 +45,10 @@ inline int64_t forward_workspace(const ForwardParams<T>& p, int gates) {
 template <class T>
 inline int64_t backward_workspace(const BackwardParams<T>& p, int gates) {
   // dh, dc, dm; dgates ping-pong; zoneout's direct parts of dh and dc; dgates W_hh;
-  // LayerNorm: parts
+  // LayerNorm: parts; bf16 step: bf16 pairs of dgates, ping-pong (32-bit values)
   return p.B * p.P + 2 * p.B * p.H + 2 * p.B * gates * p.H + p.B * (p.P + p.H) + p.B * p.P +
-         (p.layer_norm() ? layer_norm_parts(p.B, p.H) : 0);
+         (p.layer_norm() ? layer_norm_parts(p.B, p.H) : 0) +
+         (p.bf16_step ? 2 * p.B * ((gates * p.H + 1) / 2) : 0);
 }
 
 struct Kernels {

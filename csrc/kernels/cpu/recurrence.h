@@ -107,6 +107,24 @@ inline Range split(int64_t n, int parts, int k) {
 
 inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
+// Whether a layer's recurrent products (forward h W_hh^T, backward dgates W_hh) take bf16
+// operands: asked for (bf16_step), on a CPU with AVX512_BF16, for a float32 W_hh of 512 KiB
+// or more, and past the narrow tiles (B > narrow_rows) only where bf16 products outpace
+// float32 FMAs (bf16_dot.h). A smaller W_hh streams from the caches fast enough that the
+// rounding costs more than it saves (measured: RNN at H=256, 256 KiB, 10% slower). Every
+// rule holds for any thread count.
+template <class Cell, class Isa, class T>
+bool bf16_products(bool asked, int64_t B, int64_t H, int64_t P) {
+#ifdef FASTRNN_CPU_BF16
+  constexpr int G = Cell::kGates;
+  return std::is_same_v<T, float> && !Cell::kLayerNorm && asked && G * H * P * 4 >= (512 << 10) &&
+         has_bf16_dot() && (B <= Isa::narrow_rows(G) || bf16_step_wide());
+#else
+  (void)asked, (void)B, (void)H, (void)P;
+  return false;
+#endif
+}
+
 // W_hh rows of units [j0, j0 + hs), packed for the fused tile in blocks of NB * L units:
 // block u (units j0 + u*NB*L ...) is a panel [P][NB][G][L] holding W_hh[g*H + j][k] at
 // (k, b, g, l) for unit j = j0 + (u*NB + b)*L + l, zero past hs.
@@ -308,20 +326,10 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
   const bool narrow = B <= MRn;
   const int64_t width = (narrow ? NBn : 1) * L;  // units per panel
   const int64_t blocks = (hs + width - 1) / width;
-  // bf16 step (p.bf16_step on a CPU with AVX512_BF16 and a float32 W_hh of 512 KiB or more;
-  // past the narrow tiles only where bf16 products outpace float32 FMAs: bf16_dot.h): W_hh
-  // as bf16 pairs instead, and the h that feeds it rounded once per step into hb (pairs,
-  // ping-pong [2, Bn, K2], schedule order, in the team's workspace where LayerNorm cells
-  // keep raw) by the thread that wrote it. A smaller W_hh streams from the caches fast
-  // enough that the rounding costs more than it saves (measured: RNN at H=256, 256 KiB, 10%
-  // slower). Every rule holds for any thread count.
-#ifdef FASTRNN_CPU_BF16
-  const bool bf16 = std::is_same_v<T, float> && !Cell::kLayerNorm && p.bf16_step &&
-                    G * H * P * 4 >= (512 << 10) && has_bf16_dot() &&
-                    (narrow || bf16_step_wide());
-#else
-  constexpr bool bf16 = false;
-#endif
+  // bf16 step (bf16_products): W_hh as bf16 pairs instead, and the h that feeds it rounded
+  // once per step into hb (pairs, ping-pong [2, Bn, K2], schedule order, in the team's
+  // workspace where LayerNorm cells keep raw) by the thread that wrote it.
+  const bool bf16 = bf16_products<Cell, Isa, T>(p.bf16_step, B, H, P);
   const int64_t K2 = (P + 1) / 2;
   Buffer<T> w_rec;
   Buffer<int32_t> w16;
@@ -643,18 +651,46 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
   const int64_t rec_width = wide ? Wide::kWidth : Gemm::kWidth;
   Buffer<T> w_rec_mem, w_proj_mem;
   Panels<T> w_rec{nullptr, GH, ps, rec_width}, w_proj{nullptr, P, proj ? hs : 0, Gemm::kWidth};
-  if (w_rec.N > 0) {
-    w_rec_mem.resize(w_rec.count() * GH * rec_width);
-    pack_panels<V>(p.w_hh + p0, P, 1, GH, ps, rec_width, 0, w_rec.count(), w_rec_mem.data);
-    w_rec.data = w_rec_mem.data;
-  }
   if (w_proj.N > 0) {
     w_proj_mem.resize(w_proj.count() * P * Gemm::kWidth);
     pack_panels<V>(p.w_hr + j0, H, 1, P, hs, Gemm::kWidth, 0, w_proj.count(), w_proj_mem.data);
     w_proj.data = w_proj_mem.data;
   }
-  // out[:n, p0:p1] (+)= a[:n] W_hh[:, p0:p1], a [n, G*H]
-  auto recurrent = [&](const T* a, int64_t n, T beta, T* out) {
+  // bf16 products (bf16_products; H even, so that every thread's units of every gate
+  // start on a pair): W_hh[:, p0:p1] as bf16 pairs along G*H in panels of the tile's width
+  // instead, and the rows of dgates rounded once per step into d16 (pairs, ping-pong
+  // [2, Bn, K2], K2 = G*H / 2, schedule order) by the threads that wrote them.
+  const bool bf16 = H % 2 == 0 && bf16_products<Cell, Isa, T>(p.bf16_step, B, H, P);
+  const int64_t K2 = GH / 2;
+  [[maybe_unused]] int32_t* d16 = reinterpret_cast<int32_t*>(drec + Bn * P);
+  Buffer<int32_t> w16;
+  if (bf16) {
+#ifdef FASTRNN_CPU_BF16
+    if constexpr (std::is_same_v<T, float>) {
+      w16.resize(std::max<int64_t>(1, (ps + rec_width - 1) / rec_width * K2 * rec_width));
+      pack_columns_bf16(p.w_hh, GH, P, p0, ps, rec_width, w16.data);
+    }
+#endif
+  } else if (w_rec.N > 0) {
+    w_rec_mem.resize(w_rec.count() * GH * rec_width);
+    pack_panels<V>(p.w_hh + p0, P, 1, GH, ps, rec_width, 0, w_rec.count(), w_rec_mem.data);
+    w_rec.data = w_rec_mem.data;
+  }
+  // out[:n, p0:p1] (+)= a[:n] W_hh[:, p0:p1], a [n, G*H] (float32 products), or a16 its
+  // pairs [n, K2] (bf16 products).
+  auto recurrent = [&](const T* a, [[maybe_unused]] const int32_t* a16, int64_t n, T beta,
+                       T* out) {
+#ifdef FASTRNN_CPU_BF16
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16) {
+        if (wide)
+          recurrent_bf16<Wide::kMR, Wide::kNV, V>(w16.data, K2, ps, a16, n, beta, out + p0, P);
+        else
+          recurrent_bf16<Gemm::kMR, Gemm::kNV, V>(w16.data, K2, ps, a16, n, beta, out + p0, P);
+        return;
+      }
+    }
+#endif
     if (wide)
       Wide::run(w_rec, 0, w_rec.count(), n, a, GH, 1, beta, nullptr, out + p0, P);
     else
@@ -859,6 +895,12 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
                                    Cell::kSplitGrad ? gh + j0 : nullptr, dh + i * P + j0);
       const T* src = Cell::kSplitGrad ? gh : gx;
       for (int k = 0; k < G; ++k) std::copy(src + k * H + j0, src + k * H + j1, gc + k * H);
+#ifdef FASTRNN_CPU_BF16
+      if constexpr (std::is_same_v<T, float>)
+        if (bf16)
+          for (int k = 0; k < G; ++k)
+            to_bf16_pairs(dgs + i * GH, k * H + j0, k * H + j1, GH, d16 + ((s % 2) * Bn + i) * K2);
+#endif
       if (Cell::kHasCell && p.zoneout_c)
         for (int64_t j = j0; j < j1; ++j) dc[i * H + j] += dzc[i * H + j];
     }
@@ -869,10 +911,11 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
     // others keep dh as it was, so the gradient passes through padded steps unchanged.
     if (proj)
       for (int64_t i = 0; i < n; ++i) std::fill(dh + i * P + p0, dh + i * P + p1, T(0));
+    const int32_t* dgs16 = bf16 ? d16 + (s % 2) * Bn * K2 : nullptr;
     if (ps > 0 && n > 0 && !p.rec_mask)
-      recurrent(dgs, n, T(1), dh);
+      recurrent(dgs, dgs16, n, T(1), dh);
     if (ps > 0 && n > 0 && p.rec_mask) {  // W_hh saw h * rec_mask
-      recurrent(dgs, n, T(0), drec);
+      recurrent(dgs, dgs16, n, T(0), drec);
       for (int64_t i = 0; i < n; ++i)
         for (int64_t q = p0; q < p1; ++q)
           dh[i * P + q] += drec[i * P + q] * p.rec_mask[order[i] * P + q];
