@@ -7,12 +7,13 @@ times, median of many calls:
              (fastrnn.ops.run_forward: torch.ops.fastrnn.forward and its autograd)
   torch.nn   the torch.nn module, for reference
 and reports module - op as the Python overhead per layer call, in inference
-(torch.inference_mode) and with autograd recording (training forward).
+(torch.inference_mode, and torch.no_grad) and with autograd recording (training forward).
 
     python bench/bench_overhead.py
     python bench/bench_overhead.py --cells lstm --size 1,1,8,8 --repeats 5000
 """
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -65,19 +66,17 @@ def main(argv=None):
                                       fast.bias_hh_l0)]
         h0 = torch.zeros(1, B, H)
         run = getattr(ops, "run_forward", ops.forward)  # older fastrnn: the op itself
-        for mode in ("inference", "training"):
+        modes = {"inference": torch.inference_mode, "no_grad": torch.no_grad,
+                 "training": contextlib.nullcontext}
+        for mode, context in modes.items():
             save = mode == "training"
 
             def op_call():
                 return run(cell, x, h0, h0 if lstm else None, *w, None, None, False, save)
 
-            if save:
+            with context():
                 times = [per_call_us(f, args.repeats) for f in (lambda: fast(x), op_call,
                                                                  lambda: ref(x))]
-            else:
-                with torch.inference_mode():
-                    times = [per_call_us(f, args.repeats) for f in (lambda: fast(x), op_call,
-                                                                     lambda: ref(x))]
             module, op, nn = times
             print(f"{name:>5} {mode:>9} {module:8.1f} {op:8.1f} {module - op:9.1f} {nn:9.1f}")
 

@@ -274,16 +274,20 @@ _LnForward = _eager_function(ln_forward, _ln_setup_context, _ln_backward)
 
 
 def _run(function, op, args):
-    """op(*args). In eager autograd it goes through `function` (_eager_function); under
+    """op(*args). In eager mode it goes through `function` (_eager_function) when a
+    gradient can flow, and straight to the kernel when none can (under torch.no_grad the
+    registered autograd wrapper would still run its Python, about 8 us a call); under
     tracing (torch.compile, export), autocast (whose kernel must see the call first) or a
     functorch transform, through the op's registered autograd."""
-    if (torch.is_grad_enabled()
-            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-            and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled(args[1].device.type)
-            and not torch._C._are_functorch_transforms_active()):
+    if (torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(args[1].device.type)
+            or torch._C._are_functorch_transforms_active()):
+        return op(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
+                                       for a in args):
         return function.apply(*args)
-    return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 def run_forward(*args):
