@@ -166,13 +166,14 @@ void recurrent_bf16(const int32_t* panels, int64_t K2, int64_t nc, const int32_t
       for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
         for (int v = 0; v < NV; ++v) {
-          const int64_t c = c0 + v * 16, m = std::min<int64_t>(16, nc - c);
+          const int64_t c = c0 + v * 16;
+          const int m = static_cast<int>(std::min<int64_t>(16, nc - c));
           if (m <= 0) break;
           float* o = out + (i0 + r) * ldo + c;
           if (m == 16)
             (beta != 0 ? acc[r][v] + V::load(o) : acc[r][v]).store(o);
           else
-            (beta != 0 ? acc[r][v] + V::load(o, static_cast<int>(m)) : acc[r][v]).store(o, static_cast<int>(m));
+            (beta != 0 ? acc[r][v] + V::load(o, m) : acc[r][v]).store(o, m);
         }
     };
     int64_t i0 = 0;
