@@ -129,6 +129,10 @@ PYBIND11_MODULE(_C, m) {
         "Free the cached blocks of the tensors CPU training forwards save for backward");
   m.def("saved_memory_cached", &fastrnn::saved_memory_cached,
         "Bytes of freed saved-tensor blocks held for reuse");
+  m.def("release_scratch", &fastrnn::release_scratch,
+        "Free the calling thread's CPU scratch memory (a call's large temporaries)");
+  m.def("scratch_bytes", &fastrnn::scratch_bytes,
+        "Bytes of the calling thread's CPU scratch memory");
   m.def("cuda_persistent", &fastrnn::cuda_persistent,
         "Whether the CUDA forward and backward try the persistent kernels first");
   m.def("set_cuda_persistent", &fastrnn::set_cuda_persistent, pybind11::arg("on"),

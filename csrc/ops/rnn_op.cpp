@@ -41,11 +41,12 @@ at::Tensor valid_rows(const c10::optional<at::Tensor>& lengths, int64_t T, int64
 // Never returned to the caller. On CUDA, torch's caching allocator already reuses memory.
 // Each call wraps the memory in a tensor of its own, so the tensor belongs to the call's
 // mode (an inference tensor under torch.inference_mode, a normal one otherwise).
+// release_scratch() frees the calling thread's blocks (fastrnn.empty_cache()).
 enum Scratch { kGx, kDgx, kDgh, kBf16A, kBf16B, kBf16Product, kBf16Dgx, kScratchSlots };
+thread_local at::Tensor t_scratch[kScratchSlots];  // the memory only, per slot
 at::Tensor scratch(Scratch slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
   if (opts.device().is_cuda()) return at::empty(shape, opts);
-  thread_local at::Tensor cache[kScratchSlots];  // the memory only
-  at::Tensor& t = cache[slot];
+  at::Tensor& t = t_scratch[slot];
   const int64_t n = c10::multiply_integers(shape);
   if (!t.defined() || t.dtype() != opts.dtype() || t.numel() < n) {
     t = at::Tensor();  // free the old block first
@@ -142,6 +143,16 @@ at::Tensor take(const at::Tensor& t, const at::Tensor& rows, int64_t dim) {
 }
 
 }  // namespace
+
+void release_scratch() {
+  for (at::Tensor& t : t_scratch) t = at::Tensor();
+}
+
+int64_t scratch_bytes() {
+  int64_t n = 0;
+  for (const at::Tensor& t : t_scratch) n += t.defined() ? static_cast<int64_t>(t.nbytes()) : 0;
+  return n;
+}
 
 ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::Tensor& h0,
                       const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,

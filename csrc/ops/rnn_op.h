@@ -173,6 +173,11 @@ BackwardParams<E> backward_params(const LoopTensors& a, int d) {
   return p;
 }
 
+// The CPU scratch memory of the calling thread (the large temporaries of a call, gx, dgx
+// and the bf16 GEMMs' operands, kept for the next call): free it; its size in bytes.
+void release_scratch();
+int64_t scratch_bytes();
+
 // Backends: run the time loop. Defined per device (cpu_loop.cpp, cuda_loop.cu).
 void cpu_forward_loop(const LoopTensors& a);
 // out [M, N] (row stride out.stride(0), unit column stride) = a [M, K] @ b [K, N] (+ bias

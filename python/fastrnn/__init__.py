@@ -65,9 +65,13 @@ def empty_cache():
     states entering each step). When they die, fastrnn keeps their blocks (4 MiB and up,
     1 GiB in all at most) and hands them to the next training step, which asks for the
     same sizes: fresh memory of that size would come from the OS as zero-filled pages
-    faulted in one by one on every step. This gives those blocks back to the OS, e.g.
-    when training is over. Tensors still alive keep theirs until they die.
+    faulted in one by one on every step. The large temporaries of a call (the input
+    projection, the gate gradients, the bfloat16 copies of autocast's GEMMs) are kept the
+    same way, per calling thread. This gives those blocks back to the OS (the temporaries
+    of the calling thread), e.g. when training is over. Tensors still alive keep theirs
+    until they die.
     """
     from . import _C
 
     _C.release_saved_memory()
+    _C.release_scratch()
