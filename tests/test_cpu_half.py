@@ -172,6 +172,34 @@ def rounded_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, rec_mask, b
 BF16_STEP = "avx512_bf16" in fastrnn.cpu_capabilities()["features"]
 
 
+def step_inputs(case, T):
+    """Random float32 inputs of one direction for case (cell, B, H, proj, recdrop), T steps
+    of 9 inputs: (generator for further draws, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+    rec_mask)); c0, w_hr, rec_mask None where the case has none."""
+    cell, B, H, proj, recdrop = case
+    I, P = 9, proj or H
+    G = {"lstm": 4, "gru": 3, "rnn_tanh": 1}[cell]
+    g = torch.Generator().manual_seed(B * 1000 + H)
+    u = lambda *s: (torch.rand(*s, generator=g) * 2 - 1) / H ** 0.5  # noqa: E731
+    x, h0 = torch.randn(T, B, I, generator=g), torch.randn(B, P, generator=g)
+    c0 = torch.randn(B, H, generator=g) if cell == "lstm" else None
+    w_ih, w_hh, b_ih, b_hh = u(G * H, I), u(G * H, P), u(G * H), u(G * H)
+    w_hr = u(P, H) if proj else None
+    mask = (torch.rand(B, P, generator=g) > 0.3).float() / 0.7 if recdrop else None
+    return g, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, mask)
+
+
+def takes_bf16_step(cell, B, H, P):
+    """Whether the forward's recurrent product takes bfloat16 operands (recurrence.h's
+    bf16_products): bf16 autocast on a CPU with AVX512_BF16, a float32 W_hh of 512 KiB or
+    more, and a batch within the narrow tiles or a CPU where bf16 products outpace FMAs."""
+    G = {"lstm": 4, "gru": 3, "rnn_tanh": 1}[cell]
+    narrow = B <= {"lstm": 3, "gru": 2, "rnn_tanh": 3}[cell]  # Isa::narrow_rows on AVX-512
+    caps = fastrnn.cpu_capabilities()
+    return bool((narrow or caps["bfloat16_recurrent_step_all_batches"]) and
+                G * H * P * 4 >= 512 << 10 and caps["bfloat16_recurrent_step"])
+
+
 @pytest.mark.parametrize("case", [
     ("lstm", 1, 37, 0, False), ("lstm", 1, 300, 0, False), ("lstm", 2, 256, 129, False),
     ("gru", 1, 211, 0, True), ("gru", 1, 37, 0, True), ("rnn_tanh", 3, 400, 0, True),
@@ -187,20 +215,9 @@ def test_bf16_recurrent_step(case):
     stays float32."""
     from fastrnn import ops
 
-    cell, B, H, proj, recdrop = case
-    T, I, P = 6, 9, proj or H
-    G = {"lstm": 4, "gru": 3, "rnn_tanh": 1}[cell]
-    g = torch.Generator().manual_seed(B * 1000 + H)
-    u = lambda *s: (torch.rand(*s, generator=g) * 2 - 1) / H ** 0.5  # noqa: E731
-    x, h0 = torch.randn(T, B, I, generator=g), torch.randn(B, P, generator=g)
-    c0 = torch.randn(B, H, generator=g) if cell == "lstm" else None
-    w_ih, w_hh, b_ih, b_hh = u(G * H, I), u(G * H, P), u(G * H), u(G * H)
-    w_hr = u(P, H) if proj else None
-    mask = (torch.rand(B, P, generator=g) > 0.3).float() / 0.7 if recdrop else None
-    narrow = B <= {"lstm": 3, "gru": 2, "rnn_tanh": 3}[cell]  # Isa::narrow_rows on AVX-512
-    caps = fastrnn.cpu_capabilities()
-    step = (narrow or caps["bfloat16_recurrent_step_all_batches"]) and \
-        G * H * P * 4 >= 512 << 10 and caps["bfloat16_recurrent_step"]
+    cell, B, H, proj, _ = case
+    _, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, mask) = step_inputs(case, 6)
+    step = takes_bf16_step(cell, B, H, proj or H)
     assert fastrnn.cpu_capabilities()["bfloat16_recurrent_step"] == (
         BF16_STEP and ops._C.cpu_kernels() == "avx512" and ops._BF16_DOT)
     d = lambda t: None if t is None else t[None]  # noqa: E731
@@ -257,23 +274,13 @@ def test_bf16_recurrent_backward(case):
     the float32 product. Elsewhere (odd H, other CPUs) it stays float32."""
     from fastrnn import ops
 
-    cell, B, H, proj, recdrop = case
-    T, I, P = 5, 9, proj or H
-    G = {"lstm": 4, "gru": 3, "rnn_tanh": 1}[cell]
-    g = torch.Generator().manual_seed(B * 1000 + H)
-    u = lambda *s: (torch.rand(*s, generator=g) * 2 - 1) / H ** 0.5  # noqa: E731
-    x, h0 = torch.randn(T, B, I, generator=g), torch.randn(B, P, generator=g)
-    c0 = torch.randn(B, H, generator=g) if cell == "lstm" else None
-    w_ih, w_hh, b_ih, b_hh = u(G * H, I), u(G * H, P), u(G * H), u(G * H)
-    w_hr = u(P, H) if proj else None
-    mask = (torch.rand(B, P, generator=g) > 0.3).float() / 0.7 if recdrop else None
+    cell, B, H, proj, _ = case
+    T, P = 5, proj or H
+    g, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, mask) = step_inputs(case, T)
     gy = torch.randn(T, B, P, generator=g)
     if not ops._BF16_DOT:
         pytest.skip("no bf16 GEMMs on this CPU: the float32 layer runs (test_half_*)")
-    narrow = B <= {"lstm": 3, "gru": 2, "rnn_tanh": 3}[cell]  # Isa::narrow_rows on AVX-512
-    caps = fastrnn.cpu_capabilities()
-    fwd16 = (narrow or caps["bfloat16_recurrent_step_all_batches"]) and \
-        G * H * P * 4 >= 512 << 10 and caps["bfloat16_recurrent_step"]
+    fwd16 = takes_bf16_step(cell, B, H, P)
     bwd16 = fwd16 and H % 2 == 0
 
     d = lambda t: None if t is None else t[None].requires_grad_()  # noqa: E731
@@ -285,6 +292,7 @@ def test_bf16_recurrent_backward(case):
     args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, mask, gy, fwd16)
     want = rounded_state_gradients(*args, bwd16)
     other = rounded_state_gradients(*args, not bwd16)
+
     def error(ref):  # norm-wise, the largest over dx, dh0, dc0
         return max(((a.double().reshape(b.shape) - b).norm() / b.norm()).item()
                    for a, b in zip(got, ref))
