@@ -439,16 +439,16 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
         });
       return;
     }
+    // Row tiles as even as possible (8 rows: 4 + 4, not 6 + 2): a tile of one or two rows
+    // does too few FMAs per weight vector it loads to keep the FMA units busy.
+    const int64_t tiles = (n + MR - 1) / MR;
     for (int64_t g0 = 0; g0 < blocks; g0 += group) {
       const int64_t g1 = std::min(blocks, g0 + group);
-      int64_t i0 = 0;
-      for (; i0 + MR <= n; i0 += MR)
+      for (int64_t k = 0; k < tiles; ++k) {
+        const int64_t i0 = n * k / tiles, rows = n * (k + 1) / tiles - i0;
         for (int64_t u = g0; u < g1; ++u)
-          tile(std::integral_constant<int, MR>{}, One{}, i0, u, j0 + u * width, units(u));
-      for (int64_t u = g0; u < g1; ++u)
-        with_rows<MR - 1>(n - i0, [&](auto rows) {
-          tile(rows, One{}, i0, u, j0 + u * width, units(u));
-        });
+          with_rows<MR>(rows, [&](auto r) { tile(r, One{}, i0, u, j0 + u * width, units(u)); });
+      }
     }
   };
 
