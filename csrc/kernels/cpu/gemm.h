@@ -159,8 +159,8 @@ FASTRNN_INLINE void tile_store(int64_t K, const T* a, int64_t ars, int64_t aks, 
     }
 }
 
-// Calls f(std::integral_constant<int, R>) for R == left, 0 < left <= MaxR: the last,
-// smaller tile of a loop over rows gets its own fully unrolled instantiation.
+// Calls f(std::integral_constant<int, R>) for R == left, 0 < left <= MaxR: a tile of
+// fewer rows than the loop's largest gets its own fully unrolled instantiation.
 template <int MaxR, class F>
 FASTRNN_INLINE void with_rows(int64_t left, F&& f) {
   if constexpr (MaxR > 0) {
@@ -169,20 +169,6 @@ FASTRNN_INLINE void with_rows(int64_t left, F&& f) {
     else
       with_rows<MaxR - 1>(left, f);
   }
-}
-
-// Rows [0, M) of one panel, in tiles of MR rows and then one smaller tile.
-template <int MR, int NV, class V, class T>
-FASTRNN_INLINE void rows_of_panel(int64_t M, int64_t K, const T* a, int64_t ars, int64_t aks,
-                                  const T* panel, bool accumulate, const T* bias, T* c,
-                                  int64_t ldc, int64_t n) {
-  int64_t r = 0;
-  for (; r + MR <= M; r += MR)
-    tile_store<MR, NV, V>(K, a + r * ars, ars, aks, panel, accumulate, bias, c + r * ldc, ldc, n);
-  with_rows<MR - 1>(M - r, [&](auto rows) {
-    tile_store<decltype(rows)::value, NV, V>(K, a + r * ars, ars, aks, panel, accumulate, bias,
-                                             c + r * ldc, ldc, n);
-  });
 }
 
 // GEMM tiling of one instruction set: MR rows x NV vectors of accumulators.
