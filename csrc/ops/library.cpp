@@ -32,13 +32,24 @@ void cuda_backward_loop(const LoopTensors&) {
 #endif
 
 TORCH_LIBRARY(fastrnn, m) {
-  m.def(
-      "forward(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
+  const std::string forward_signature =
+      "(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool save, "
       "Tensor? resets=None, Tensor? zoneout_h=None, Tensor? zoneout_c=None, "
       "Tensor? rec_mask=None, bool bf16_gemms=False) "
       "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor hprev, Tensor cprev, "
-      "Tensor m)");
+      "Tensor m)";
+  m.def(("forward" + forward_signature).c_str());
+  // forward with its derivative in C++ (autograd.cpp), for eager calls that record
+  // autograd; grad_graph: forward's first-order gradients as a differentiable graph, for
+  // double backward (implemented in ops.py). need [8]: which of x, h0, c0, w_ih, w_hh,
+  // b_ih, b_hh, w_hr take a gradient; the others' entries are empty.
+  m.def(("autograd_forward" + forward_signature).c_str());
+  m.def(
+      "grad_graph(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
+      "Tensor? resets, Tensor? zoneout_h, Tensor? zoneout_c, Tensor? rec_mask, Tensor? dy, "
+      "Tensor? dh_n, Tensor? dc_n, int[] need) -> Tensor[]");
   m.def(
       "backward(str cell, Tensor? dy, Tensor? dh_n, Tensor? dc_n, Tensor x, Tensor w_ih, "
       "Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor gates, Tensor hprev, Tensor cprev, "

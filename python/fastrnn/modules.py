@@ -74,12 +74,13 @@ def _check_state_dtype(state, weight):
 
 def _check_devices(input, state, weights):
     # Same checks, order and wording as ATen's check_attributes for RNNs.
+    device = input.device
     for name, tensors in (("hidden", state), ("parameter", weights)):
         for t in tensors:
-            if t is not None and t.device != input.device:
+            if t is not None and t.device != device:
                 raise RuntimeError(
                     f"Input and {name} tensors are not at the same device, found input "
-                    f"tensor at {input.device} and {name} tensor at {t.device}"
+                    f"tensor at {device} and {name} tensor at {t.device}"
                 )
 
 
@@ -245,7 +246,8 @@ class _RNNBase(RNNBase):
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
         opts = {"dtype": input.dtype, "device": input.device}
         if self.mode == "LSTM" and real_hidden == self.hidden_size:
-            return tuple(torch.zeros(2, *shape, real_hidden, **opts).unbind(0))  # one allocation
+            h = torch.zeros(*shape, real_hidden, **opts)
+            return (h, h)  # the kernels only read the initial state: one tensor serves both
         h = torch.zeros(*shape, real_hidden, **opts)
         if self.mode == "LSTM":
             return (h, torch.zeros(*shape, self.hidden_size, **opts))
@@ -306,7 +308,9 @@ class _RNNBase(RNNBase):
         state = hx if self.mode == "LSTM" else (hx,)
         flat = [w for layer in weights for d in layer for w in d if w is not None]
         _check_devices(input, () if own_state else state, flat)
-        if not torch._C._is_any_autocast_enabled():  # as torch's own dtype check
+        # As torch's own dtype check. A state made here has the input's dtype, which
+        # check_input has compared with the weights'.
+        if not own_state and not torch._C._is_any_autocast_enabled():
             _check_state_dtype(state, flat[0])
         return state
 

@@ -24,11 +24,13 @@ _GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 _SAVED = {"lstm": 4, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}
 
 forward = torch.ops.fastrnn.forward.default
+autograd_forward = torch.ops.fastrnn.autograd_forward.default  # forward + C++ autograd
 backward = torch.ops.fastrnn.backward.default
 ln_forward = torch.ops.fastrnn.ln_forward.default
 ln_backward = torch.ops.fastrnn.ln_backward.default
 mm = torch.ops.fastrnn.mm.default
 _LN_SAVED = {"lstm": 5, "gru": 3}  # cells.h: LnLstm, LnGru
+_impl_lib = torch.library.Library("fastrnn", "IMPL")  # kernels written in Python
 
 
 def _check_like_x(x, **tensors):
@@ -177,7 +179,19 @@ def _backward(ctx, dy, dh_n, dc_n, *_saved_grads):
 
 
 def _differentiable_backward(ctx, dy, dh_n, dc_n):
-    """The first-order gradients as a graph of differentiable torch ops, for double backward.
+    """The first-order gradients as a graph of differentiable torch ops, for double backward
+    (see _gradient_graph)."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, *_, resets, zh, zc, rm = ctx.saved_tensors
+    grads = _gradient_graph(ctx.cell, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), lengths,
+                            ctx.reverse, (resets, zh, zc, rm), (dy, dh_n, dc_n),
+                            ctx.needs_input_grad[1:9])
+    return ((None, *grads) + (None,) * 8)[:ctx.num_inputs]
+
+
+def _gradient_graph(cell, inputs, lengths, reverse, extra, grad_outputs, need):
+    """The gradients of fastrnn::forward's outputs (y, h_n, c_n) with respect to ``inputs``
+    (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr; None where ``need`` is false or the input has
+    no effect), as a graph of differentiable torch ops.
 
     fastrnn::backward has no derivative of its own. When a graph of the gradients is asked
     for (create_graph=True: gradient penalties, Hessian-vector products, MAML), the layer
@@ -186,22 +200,35 @@ def _differentiable_backward(ctx, dy, dh_n, dc_n):
     that of torch's own per-step loop, paid only when create_graph is set; first-order
     backward never comes here.
     """
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, *_, resets, zh, zc, rm = ctx.saved_tensors
-    inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    need = ctx.needs_input_grad[1:9]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = inputs
+    resets, zh, zc, rm = extra
     wanted = [t for t, n in zip(inputs, need) if n]
     pick = lambda t, d: None if t is None else t[d]  # noqa: E731
     weights = [tuple(pick(t, d) for t in (w_ih, w_hh, b_ih, b_hh, w_hr))
                for d in range(w_hh.shape[0])]
-    outs = reference.layer(ctx.cell, x, h0, c0, weights, lengths, ctx.reverse, resets=resets,
+    outs = reference.layer(cell, x, h0, c0, weights, lengths, reverse, resets=resets,
                            zoneout_h=zh, zoneout_c=zc, rec_mask=rm)
-    pairs = [(o, g) for o, g in zip(outs, (dy, dh_n, dc_n)) if o is not None and g is not None]
+    pairs = [(o, g) for o, g in zip(outs, grad_outputs) if o is not None and g is not None]
     got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
                                    create_graph=True, allow_unused=True)
                if pairs and wanted else [None] * len(wanted))
-    grads = (None, *(next(got) if n else None for n in need)) + (None,) * 8
-    return grads[:ctx.num_inputs]
+    return tuple(next(got) if n else None for n in need)
 
+
+def _grad_graph_kernel(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, resets,
+                       zoneout_h, zoneout_c, rec_mask, dy, dh_n, dc_n, need):
+    """fastrnn::grad_graph (the double-backward path of fastrnn::autograd_forward's C++
+    backward): _gradient_graph, with zeros for a needed gradient that is nil and empty
+    tensors for the others (an op returns no None)."""
+    inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    grads = _gradient_graph(cell, inputs, lengths, reverse,
+                            (resets, zoneout_h, zoneout_c, rec_mask), (dy, dh_n, dc_n),
+                            [bool(n) for n in need])
+    return [g if g is not None else torch.zeros_like(t) if n else x.new_empty(0)
+            for g, t, n in zip(grads, inputs, need)]
+
+
+_impl_lib.impl("grad_graph", _grad_graph_kernel, "CompositeImplicitAutograd")
 
 torch.library.register_autograd("fastrnn::forward", _backward, setup_context=_setup_context)
 
@@ -269,35 +296,35 @@ def _eager_function(op, setup_context, backward_fn):
     return Function
 
 
-_Forward = _eager_function(forward, _setup_context, _backward)
 _LnForward = _eager_function(ln_forward, _ln_setup_context, _ln_backward)
 
 
 def _run(function, op, args):
-    """op(*args). In eager mode it goes through `function` (_eager_function) when a
-    gradient can flow, and straight to the kernel when none can (under torch.no_grad the
+    """op(*args). In eager mode it goes through `function` (op with its autograd: C++ for
+    fastrnn::forward, _eager_function for ln_forward) when a gradient can flow, and straight to the kernel when none can (under torch.no_grad the
     registered autograd wrapper would still run its Python, about 8 us a call); under
     tracing (torch.compile, export), autocast (whose kernel must see the call first) or a
     functorch transform, through the op's registered autograd."""
     if (torch.compiler.is_compiling()
-            or torch.is_autocast_enabled(args[1].device.type)
+            or (torch._C._is_any_autocast_enabled()
+                and torch.is_autocast_enabled(args[1].device.type))
             or torch._C._are_functorch_transforms_active()):
         return op(*args)
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
-                                       for a in args):
-        return function.apply(*args)
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args
+                                       if isinstance(a, torch.Tensor)):
+        return function(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
 
 def run_forward(*args):
     """fastrnn::forward(*args), see _run."""
-    return _run(_Forward, forward, args)
+    return _run(autograd_forward, forward, args)
 
 
 def run_ln_forward(*args):
     """fastrnn::ln_forward(*args), see _run."""
-    return _run(_LnForward, ln_forward, args)
+    return _run(_LnForward.apply, ln_forward, args)
 
 
 # Autocast. The CPU kernels compute in float32 or float64 only, so under CPU autocast
@@ -310,7 +337,6 @@ def run_ln_forward(*args):
 # and the kernels run in it, as cuDNN's RNNs do. float64 tensors are left as they are on
 # both, as autocast does for torch's own ops. Saved-for-backward outputs stay in the
 # compute dtype; gradients reach the parameters in their own dtype through the casts.
-_autocast_lib = torch.library.Library("fastrnn", "IMPL")
 _BF16_DOT = bool({"avx512_bf16", "amx_bf16"} & set(_C.cpu_features()))
 
 
@@ -339,7 +365,7 @@ def _register_autocast(device_type, name, op):
             return out
         return tuple(t.to(out_dtype) for t in out[:3]) + tuple(out[3:])
 
-    _autocast_lib.impl(name, kernel, key_name, with_keyset=True)
+    _impl_lib.impl(name, kernel, key_name, with_keyset=True)
 
 
 for _device_type in ("cpu", "cuda"):
