@@ -4,7 +4,8 @@ On a layer so small that the kernel does almost nothing (T=1, B=1, I=H=8 by defa
 times, median of many calls:
   module     fastrnn.LSTM/GRU/RNN(x) (argument checks, state, weights, autograd wiring)
   op         the op on the same, already prepared arguments, as the module calls it
-             (fastrnn.ops.run_forward: torch.ops.fastrnn.forward and its autograd)
+             (fastrnn.ops.run_forward: torch.ops.fastrnn.forward, with its C++ autograd
+             where a gradient can flow)
   torch.nn   the torch.nn module, for reference
 and reports module - op as the Python overhead per layer call, in inference
 (torch.inference_mode, and torch.no_grad) and with autograd recording (training forward).
@@ -62,8 +63,9 @@ def main(argv=None):
         ref = getattr(torch.nn, cls)(I, H)
         x = torch.randn(T, B, I)
         lstm = cell == "lstm"
-        w = [t.unsqueeze(0) for t in (fast.weight_ih_l0, fast.weight_hh_l0, fast.bias_ih_l0,
-                                      fast.bias_hh_l0)]
+        w = [fast.weight_ih_l0, fast.weight_hh_l0, fast.bias_ih_l0, fast.bias_hh_l0]
+        if not hasattr(ops, "autograd_forward"):  # older fastrnn: the op takes [1, ...] only
+            w = [t.unsqueeze(0) for t in w]
         h0 = torch.zeros(1, B, H)
         run = getattr(ops, "run_forward", ops.forward)  # older fastrnn: the op itself
         modes = {"inference": torch.inference_mode, "no_grad": torch.no_grad,

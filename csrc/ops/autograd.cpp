@@ -28,6 +28,17 @@ constexpr int kArguments = 17;
 at::Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
 OptTensor optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
 
+// One direction's weights (w_ih, w_hh, b_ih, b_hh, w_hr) may come bare, without their
+// leading [1] axis: the parameters themselves, which spares autograd a view node for each
+// in every call. `bare` (w_hh is 2-D) gives them that axis for fastrnn::forward/backward,
+// and takes it off their gradients.
+at::Tensor stacked(const at::Tensor& w, bool bare) {
+  return bare && w.defined() ? w.unsqueeze(0) : w;
+}
+OptTensor stacked(const OptTensor& w, bool bare) {
+  return bare && w.has_value() ? OptTensor(w->unsqueeze(0)) : w;
+}
+
 struct LayerFunction : public torch::autograd::Function<LayerFunction> {
   static variable_list forward(AutogradContext* ctx, const std::string& cell, const at::Tensor& x,
                                const at::Tensor& h0, const OptTensor& c0, const at::Tensor& w_ih,
@@ -39,11 +50,13 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fastrnn::forward", "")
                                .typed<decltype(forward_op)>();
+    const bool bare = w_hh.dim() == 2;
     ForwardOut out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;  // straight to the device's kernel
-      out = op.call(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save,
-                    resets, zoneout_h, zoneout_c, rec_mask, bf16_gemms);
+      out = op.call(cell, x, h0, c0, stacked(w_ih, bare), stacked(w_hh, bare),
+                    stacked(b_ih, bare), stacked(b_hh, bare), stacked(w_hr, bare), lengths,
+                    reverse, save, resets, zoneout_h, zoneout_c, rec_mask, bf16_gemms);
     }
     auto& [y, h_n, c_n, gates, hprev, cprev, m] = out;
     // The inputs are kept (references, no copies) for the second-order path.
@@ -62,18 +75,20 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["bf16_gemms"] = bf16_gemms;
-    // Intermediates kept for the backward: no gradient flows back through them.
-    ctx->mark_non_differentiable({gates, hprev, cprev, m});
+    ctx->saved_data["bare"] = bare;
     ctx->set_materialize_grads(false);  // unused outputs cost no zero-filled gradients
-    return {y, h_n, c_n, gates, hprev, cprev, m};
+    return {y, h_n, c_n};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    const at::Tensor &x = s[0], &h0 = s[1], &c0 = s[2], &w_ih = s[3], &w_hh = s[4],
-                     &b_ih = s[5], &b_hh = s[6], &w_hr = s[7], &lengths = s[8], &gates = s[9],
+    const bool bare = ctx->saved_data["bare"].toBool();
+    const at::Tensor &x = s[0], &h0 = s[1], &c0 = s[2], &lengths = s[8], &gates = s[9],
                      &hprev = s[10], &cprev = s[11], &m = s[12], &resets = s[13],
                      &zoneout_h = s[14], &zoneout_c = s[15], &rec_mask = s[16];
+    const at::Tensor w_ih = stacked(s[3], bare), w_hh = stacked(s[4], bare),
+                     b_ih = stacked(s[5], bare), b_hh = stacked(s[6], bare),
+                     w_hr = stacked(s[7], bare);
     const std::string cell = ctx->saved_data["cell"].toStringRef();
     const bool reverse = ctx->saved_data["reverse"].toBool();
     const std::vector<int64_t> edge = ctx->saved_data["edge"].toIntVector();
@@ -100,7 +115,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
                      optional(dh_n), optional(dc_n), need);
       for (int k = 0; k < kGradInputs; ++k)
         if (need[k]) out[1 + k] = got[k];
-      return out;
+      return unstacked(out, bare);
     }
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fastrnn::backward", "")
@@ -113,11 +128,21 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     const at::Tensor all[kGradInputs] = {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
     for (int k = 0; k < kGradInputs; ++k)
       if (need[k]) out[1 + k] = all[k];
+    return unstacked(out, bare);
+  }
+
+  // The weights' gradients (out[4..8]) in the weights' own shapes: bare ones without [1].
+  static variable_list unstacked(variable_list out, bool bare) {
+    if (bare)
+      for (int k = 4; k <= 8; ++k)
+        if (out[k].defined()) out[k] = out[k].squeeze(0);
     return out;
   }
 };
 
-ForwardOut autograd_forward(const std::string& cell, const at::Tensor& x, const at::Tensor& h0,
+using LayerOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+LayerOut autograd_forward(const std::string& cell, const at::Tensor& x, const at::Tensor& h0,
                             const OptTensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                             const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
                             const OptTensor& lengths, bool reverse, bool save,
@@ -127,11 +152,11 @@ ForwardOut autograd_forward(const std::string& cell, const at::Tensor& x, const 
   variable_list o = LayerFunction::apply(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                                          reverse, save, resets, zoneout_h, zoneout_c, rec_mask,
                                          bf16_gemms);
-  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
+  return {o[0], o[1], o[2]};
 }
 
-// Where autograd is off (inference mode, say) the call is fastrnn::forward's.
-ForwardOut plain_forward(const std::string& cell, const at::Tensor& x, const at::Tensor& h0,
+// Below autograd (inference mode, torch.no_grad in ops.py) the call is fastrnn::forward's.
+LayerOut plain_forward(const std::string& cell, const at::Tensor& x, const at::Tensor& h0,
                          const OptTensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                          const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
                          const OptTensor& lengths, bool reverse, bool save,
@@ -140,8 +165,11 @@ ForwardOut plain_forward(const std::string& cell, const at::Tensor& x, const at:
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastrnn::forward", "")
                              .typed<decltype(forward_op)>();
-  return op.call(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, resets,
-                 zoneout_h, zoneout_c, rec_mask, bf16_gemms);
+  const bool bare = w_hh.dim() == 2;
+  auto out = op.call(cell, x, h0, c0, stacked(w_ih, bare), stacked(w_hh, bare),
+                     stacked(b_ih, bare), stacked(b_hh, bare), stacked(w_hr, bare), lengths,
+                     reverse, save, resets, zoneout_h, zoneout_c, rec_mask, bf16_gemms);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
 }  // namespace

@@ -32,19 +32,22 @@ void cuda_backward_loop(const LoopTensors&) {
 #endif
 
 TORCH_LIBRARY(fastrnn, m) {
-  const std::string forward_signature =
+  const std::string forward_arguments =
       "(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool save, "
       "Tensor? resets=None, Tensor? zoneout_h=None, Tensor? zoneout_c=None, "
-      "Tensor? rec_mask=None, bool bf16_gemms=False) "
-      "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor hprev, Tensor cprev, "
-      "Tensor m)";
-  m.def(("forward" + forward_signature).c_str());
+      "Tensor? rec_mask=None, bool bf16_gemms=False) ";
+  m.def(("forward" + forward_arguments +
+         "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor hprev, Tensor cprev, "
+         "Tensor m)").c_str());
   // forward with its derivative in C++ (autograd.cpp), for eager calls that record
-  // autograd; grad_graph: forward's first-order gradients as a differentiable graph, for
-  // double backward (implemented in ops.py). need [8]: which of x, h0, c0, w_ih, w_hh,
-  // b_ih, b_hh, w_hr take a gradient; the others' entries are empty.
-  m.def(("autograd_forward" + forward_signature).c_str());
+  // autograd: y, h_n and c_n (what it saves for the backward stays inside); one direction's
+  // w_ih, w_hh, b_ih, b_hh, w_hr may also come without their leading [1] axis; grad_graph:
+  // forward's first-order gradients as a differentiable graph, for double backward
+  // (implemented in ops.py). need [8]: which of x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
+  // take a gradient; the others' entries are empty.
+  m.def(("autograd_forward" + forward_arguments + "-> (Tensor y, Tensor h_n, Tensor c_n)")
+            .c_str());
   m.def(
       "grad_graph(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "

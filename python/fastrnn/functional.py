@@ -110,14 +110,15 @@ def layer(cell, x, h0, c0, weights, lengths=None, reverse=False, *, resets=None,
 
 def _layer(cell, x, h0, c0, weights, lengths, reverse, resets, zoneout_h, zoneout_c, rec_mask,
            bf16_gemms=False):
-    if len(weights) == 1:  # the common case, without the generic stacking
-        w_ih, w_hh, b_ih, b_hh, w_hr = (None if t is None else t.unsqueeze(0) for t in weights[0])
+    if len(weights) == 1:  # one direction: as they are (ops.run_forward stacks them)
+        w_ih, w_hh, b_ih, b_hh, w_hr = weights[0]
     else:
         w_ih, w_hh, b_ih, b_hh, w_hr = (_stack(list(ws)) for ws in zip(*weights))
-    args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _lengths(lengths, x), reverse,
-            _save(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), resets, zoneout_h, zoneout_c,
-            rec_mask) + ((True,) if bf16_gemms else ())
-    y, h_n, c_n, *_ = ops.run_forward(*args)
+    save = _save(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+            None if lengths is None else _lengths(lengths, x), reverse, save, resets, zoneout_h,
+            zoneout_c, rec_mask) + ((True,) if bf16_gemms else ())
+    y, h_n, c_n, *_ = ops.run_forward(*args, grad=save)
     return y, h_n, (c_n if cell == "lstm" else None)
 
 

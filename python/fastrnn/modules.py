@@ -205,16 +205,22 @@ class _RNNBase(RNNBase):
     # has); the parameter is "{name}_l{layer}", with "_reverse" for the reverse direction.
     _weight_slots = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
-    def _weight_names(self):
-        """Parameter names per layer and direction, one per entry of ``_weight_slots``."""
-        key = (self.num_layers, self.bidirectional)
-        cached = self.__dict__.get("_fastrnn_names")
+    def _weight_names(self, present=False):
+        """Parameter names per layer and direction, one per entry of ``_weight_slots``
+        (None for an entry this class never has); present: None also where this module has
+        no such attribute (no bias, no projection)."""
+        key = (self.num_layers, self.bidirectional, self.bias, self.proj_size)
+        attr = "_fastrnn_present_names" if present else "_fastrnn_names"
+        cached = self.__dict__.get(attr)
         if cached is None or cached[0] != key:
-            names = [[tuple(name and f"{name}_l{layer}{'_reverse' if d else ''}"
-                            for name in self._weight_slots)
+            def name(slot, layer, d):
+                n = slot and f"{slot}_l{layer}{'_reverse' if d else ''}"
+                return n if not present or (n and hasattr(self, n)) else None
+
+            names = [[tuple(name(slot, layer, d) for slot in self._weight_slots)
                       for d in range(2 if self.bidirectional else 1)]
                      for layer in range(self.num_layers)]
-            cached = self.__dict__["_fastrnn_names"] = (key, names)
+            cached = self.__dict__[attr] = (key, names)
         return cached[1]
 
     def _all_weights_now(self):
@@ -222,10 +228,14 @@ class _RNNBase(RNNBase):
         w_hr)), read at call time (None where absent), so weight tying and
         torch.func.functional_call work."""
         params = self._parameters
-        # A None name (an entry this class never has) reads as None.
-        return [[tuple(params[n] if n in params else n and getattr(self, n, None)
-                       for n in names)
-                 for names in layer] for layer in self._weight_names()]
+        names = self._weight_names(present=True)
+        try:  # every entry a registered parameter: the common case, made fast
+            return [[tuple([params[n] if n else None for n in d]) for d in layer]
+                    for layer in names]
+        except KeyError:  # some entry is a plain attribute (tied or swapped in), or gone
+            return [[tuple(params[n] if n in params else n and getattr(self, n, None)
+                           for n in d)
+                     for d in layer] for layer in names]
 
     def _weights_for_call(self):
         """The weights of this call: with ``weight_dropout`` in training, W_hh of every layer

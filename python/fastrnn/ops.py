@@ -299,32 +299,52 @@ def _eager_function(op, setup_context, backward_fn):
 _LnForward = _eager_function(ln_forward, _ln_setup_context, _ln_backward)
 
 
-def _run(function, op, args):
-    """op(*args). In eager mode it goes through `function` (op with its autograd: C++ for
-    fastrnn::forward, _eager_function for ln_forward) when a gradient can flow, and straight to the kernel when none can (under torch.no_grad the
-    registered autograd wrapper would still run its Python, about 8 us a call); under
-    tracing (torch.compile, export), autocast (whose kernel must see the call first) or a
-    functorch transform, through the op's registered autograd."""
+def _run(args, grad, traced, recorded, plain):
+    """One of three calls of an op on args. Under tracing (torch.compile, export), autocast
+    (whose kernel must see the call first) or a functorch transform: traced(args), the op
+    through its registered autograd. In eager mode, when a gradient can flow (grad, or
+    worked out from args): recorded(*args), the op with its autograd (C++ for
+    fastrnn::forward, _eager_function for ln_forward); else plain(*args) below autograd,
+    straight to the kernel (under torch.no_grad the registered autograd wrapper would still
+    run its Python, about 8 us a call)."""
     if (torch.compiler.is_compiling()
             or (torch._C._is_any_autocast_enabled()
                 and torch.is_autocast_enabled(args[1].device.type))
             or torch._C._are_functorch_transforms_active()):
-        return op(*args)
-    if torch.is_grad_enabled() and any(a.requires_grad for a in args
-                                       if isinstance(a, torch.Tensor)):
-        return function(*args)
+        return traced(args)
+    if grad is None:
+        grad = torch.is_grad_enabled() and any(a.requires_grad for a in args
+                                               if isinstance(a, torch.Tensor))
+    if grad:
+        return recorded(*args)
     with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+        return plain(*args)
 
 
-def run_forward(*args):
-    """fastrnn::forward(*args), see _run."""
-    return _run(autograd_forward, forward, args)
+def _forward_stacked(args):
+    """fastrnn::forward on args, one direction's bare weights (w_ih, w_hh, b_ih, b_hh, w_hr:
+    w_hh 2-D) given their leading [1] axis."""
+    if args[5].dim() == 2:
+        args = args[:4] + tuple(None if t is None else t.unsqueeze(0) for t in args[4:9]) + \
+            args[9:]
+    return forward(*args)
+
+
+def _ln_forward_traced(args):
+    return ln_forward(*args)
+
+
+def run_forward(*args, grad=None):
+    """fastrnn::forward(*args), see _run; y, h_n and c_n come first. One direction's weights
+    may come bare, without their leading [1] axis: autograd_forward takes them so, which
+    spares autograd a view node for each. grad: whether a gradient can flow, if the caller
+    knows (else it is worked out from args)."""
+    return _run(args, grad, _forward_stacked, autograd_forward, autograd_forward)
 
 
 def run_ln_forward(*args):
     """fastrnn::ln_forward(*args), see _run."""
-    return _run(_LnForward.apply, ln_forward, args)
+    return _run(args, None, _ln_forward_traced, _LnForward.apply, ln_forward)
 
 
 # Autocast. The CPU kernels compute in float32 or float64 only, so under CPU autocast

@@ -1,0 +1,117 @@
+"""The eager path of a layer call that records autograd: fastrnn::autograd_forward, which is
+fastrnn::forward with its derivative in C++ (csrc/ops/autograd.cpp). Checked against the
+op's registered Python formula (what torch.compile and export trace) and torch.nn: the
+same outputs and gradients, bitwise, with the weights stacked [1, ...] or bare (the
+parameters themselves), for partial gradients, under saved-tensor hooks and activation
+checkpointing, and that the modules take this path. Double backward through it is
+tests/test_double_backward.py's.
+"""
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import fastrnn
+from fastrnn import ops
+
+from test_functional import CELLS, op_args
+
+pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections:UserWarning")
+
+
+def loss_of(outs, seed=1):
+    """A random linear function of every output."""
+    g = torch.Generator().manual_seed(seed)
+    return sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+
+
+def bare(args):
+    """op arguments with one direction's weights (w_ih, w_hh, b_ih, b_hh, w_hr) as fresh
+    leaves without their [1] axis, as the modules pass their parameters."""
+    return args[:4] + tuple(None if t is None else t.detach()[0].requires_grad_()
+                            for t in args[4:9]) + args[9:]
+
+
+def grad_inputs(args):
+    return [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+
+@pytest.mark.parametrize("weights", ["stacked", "bare"])
+@pytest.mark.parametrize("lengths", [None, [3, 0, 2]], ids=["nolen", "len"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell", CELLS + ["lstm_proj"])
+def test_same_bits_as_the_registered_formula(cell, reverse, lengths, weights):
+    proj = 2 if cell == "lstm_proj" else 0
+    cell = cell.replace("_proj", "")
+    lens = None if lengths is None else torch.tensor(lengths)
+    args = op_args(cell, 1, lens, reverse=reverse, proj=proj)
+    want = ops.forward(*args)[:3]  # through the formula registered in ops.py
+    want_grads = torch.autograd.grad(loss_of(want), grad_inputs(args))
+
+    got_args = bare(args) if weights == "bare" else args
+    got = ops.autograd_forward(*got_args)
+    assert "LayerFunction" in got[0].grad_fn.name()
+    got_grads = torch.autograd.grad(loss_of(got), grad_inputs(got_args))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+    for a, e, t in zip(got_grads, want_grads, grad_inputs(got_args)):
+        assert a.shape == t.shape
+        torch.testing.assert_close(a, e.view(t.shape), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["x", "h0", "w_hh", "b_ih"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_partial_gradients(cell, which):
+    """Only the gradient asked for (autograd.grad's inputs) is computed, and it is right."""
+    args = bare(op_args(cell, 1, torch.tensor([2, 3, 1])))
+    index = {"x": 1, "h0": 2, "w_hh": 5, "b_ih": 6}[which]
+    inputs = grad_inputs(args)
+    full = torch.autograd.grad(loss_of(ops.autograd_forward(*args)), inputs)
+    one, = torch.autograd.grad(loss_of(ops.autograd_forward(*args)), [args[index]])
+    k = next(k for k, t in enumerate(inputs) if t is args[index])
+    torch.testing.assert_close(one, full[k], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_modules_take_the_cpp_autograd_path(kind):
+    m = getattr(fastrnn, kind)(3, 4, num_layers=2, bidirectional=True)
+    y, _ = m(torch.randn(5, 2, 3))
+    assert "LayerFunction" in y.grad_fn.name()
+
+
+def test_saved_tensor_hooks_and_checkpointing():
+    """The C++ function's saved tensors go through torch's saved-tensor hooks, so
+    activation offloading and non-reentrant checkpointing work."""
+    torch.manual_seed(0)
+    m = fastrnn.LSTM(3, 5, dtype=torch.float64)
+    ref = torch.nn.LSTM(3, 5, dtype=torch.float64)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
+
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()  # a copy: what the graph holds is what unpack returns
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, (h, c) = m(x)
+    assert packed
+    y2, _ = checkpoint(m, x, use_reentrant=False)
+    want_y, _ = ref(x)
+    params = [x] + list(m.parameters())
+    for out in (y, y2):
+        got = torch.autograd.grad(loss_of([out]), params)
+        want = torch.autograd.grad(loss_of([want_y]), [x] + list(ref.parameters()),
+                                   retain_graph=True)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, atol=1e-12, rtol=0)
+
+
+def test_saved_weight_modified_in_place_is_an_error():
+    """As for any autograd function: a saved tensor changed before backward is caught."""
+    m = fastrnn.GRU(3, 4)
+    y, _ = m(torch.randn(5, 2, 3))
+    with torch.no_grad():
+        m.weight_hh_l0.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
