@@ -71,6 +71,28 @@ def test_partial_gradients(cell, which):
     torch.testing.assert_close(one, full[k], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_autocast_eager_matches_the_registered_kernels(cell):
+    """Under CPU autocast an eager call applies the autocast rule itself (ops._autocast)
+    and takes the C++ path; a traced call goes through the op's registered autocast and
+    autograd kernels. Both give the same bits, values and gradients."""
+    args = tuple(a.detach().float().requires_grad_(a.requires_grad)
+                 if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in op_args(cell, 1, torch.tensor([3, 1, 2])))
+    eager_args = bare(args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.run_forward(*eager_args)[:3]
+        want = ops._forward_stacked(args)[:3]
+    assert got[0].dtype == torch.bfloat16
+    assert "LayerFunction" in got[0].grad_fn.next_functions[0][0].name()
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+    got_grads = torch.autograd.grad(loss_of(got), grad_inputs(eager_args))
+    want_grads = torch.autograd.grad(loss_of(want), grad_inputs(args))
+    for a, e, t in zip(got_grads, want_grads, grad_inputs(eager_args)):
+        torch.testing.assert_close(a, e.view(t.shape), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_modules_take_the_cpp_autograd_path(kind):
     m = getattr(fastrnn, kind)(3, 4, num_layers=2, bidirectional=True)

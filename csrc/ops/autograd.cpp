@@ -120,11 +120,15 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fastrnn::backward", "")
                                .typed<decltype(backward_op)>();
-    auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
-        op.call(cell, optional(dy), optional(dh_n), optional(dc_n), x, w_ih, w_hh, optional(w_hr),
-                optional(lengths), gates, hprev, cprev, m, reverse, need[0], optional(resets),
-                optional(zoneout_h), optional(zoneout_c), optional(rec_mask),
-                ctx->saved_data["bf16_gemms"].toBool());
+    BackwardOut grad;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;  // nothing to record: straight to the kernel
+      grad = op.call(cell, optional(dy), optional(dh_n), optional(dc_n), x, w_ih, w_hh,
+                     optional(w_hr), optional(lengths), gates, hprev, cprev, m, reverse,
+                     need[0], optional(resets), optional(zoneout_h), optional(zoneout_c),
+                     optional(rec_mask), ctx->saved_data["bf16_gemms"].toBool());
+    }
+    auto& [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr] = grad;
     const at::Tensor all[kGradInputs] = {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
     for (int k = 0; k < kGradInputs; ++k)
       if (need[k]) out[1 + k] = all[k];

@@ -299,26 +299,37 @@ def _eager_function(op, setup_context, backward_fn):
 _LnForward = _eager_function(ln_forward, _ln_setup_context, _ln_backward)
 
 
-def _run(args, grad, traced, recorded, plain):
-    """One of three calls of an op on args. Under tracing (torch.compile, export), autocast
-    (whose kernel must see the call first) or a functorch transform: traced(args), the op
-    through its registered autograd. In eager mode, when a gradient can flow (grad, or
-    worked out from args): recorded(*args), the op with its autograd (C++ for
+def _run(name, args, grad, traced, recorded, plain):
+    """One of three calls of fastrnn::<name> on args. Under tracing (torch.compile, export)
+    or a functorch transform: traced(args), the op through its registered autograd (and
+    autocast) kernels. In eager mode, under autocast for x's device, the autocast rule below
+    first (_autocast, as the op's autocast kernel would); then, when a gradient can flow
+    (grad, or worked out from args): recorded(*args), the op with its autograd (C++ for
     fastrnn::forward, _eager_function for ln_forward); else plain(*args) below autograd,
     straight to the kernel (under torch.no_grad the registered autograd wrapper would still
     run its Python, about 8 us a call)."""
-    if (torch.compiler.is_compiling()
-            or (torch._C._is_any_autocast_enabled()
-                and torch.is_autocast_enabled(args[1].device.type))
-            or torch._C._are_functorch_transforms_active()):
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return traced(args)
+    if torch._C._is_any_autocast_enabled():
+        device = args[1].device.type
+        if torch.is_autocast_enabled(device):
+            if device not in _AUTOCAST_KEYS:
+                return traced(args)
+            args, kwargs, finish = _autocast(device, name, args)
+            with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS[device]):
+                return finish(_run_eager(args, grad, recorded, plain, kwargs))
+    return _run_eager(args, grad, recorded, plain)
+
+
+def _run_eager(args, grad, recorded, plain, kwargs=None):
+    kwargs = kwargs or {}
     if grad is None:
         grad = torch.is_grad_enabled() and any(a.requires_grad for a in args
                                                if isinstance(a, torch.Tensor))
     if grad:
-        return recorded(*args)
+        return recorded(*args, **kwargs)
     with torch._C._AutoDispatchBelowAutograd():
-        return plain(*args)
+        return plain(*args, **kwargs)
 
 
 def _forward_stacked(args):
@@ -339,12 +350,12 @@ def run_forward(*args, grad=None):
     may come bare, without their leading [1] axis: autograd_forward takes them so, which
     spares autograd a view node for each. grad: whether a gradient can flow, if the caller
     knows (else it is worked out from args)."""
-    return _run(args, grad, _forward_stacked, autograd_forward, autograd_forward)
+    return _run("forward", args, grad, _forward_stacked, autograd_forward, autograd_forward)
 
 
 def run_ln_forward(*args):
     """fastrnn::ln_forward(*args), see _run."""
-    return _run(args, None, _ln_forward_traced, _LnForward.apply, ln_forward)
+    return _run("ln_forward", args, None, _ln_forward_traced, _LnForward.apply, ln_forward)
 
 
 # Autocast. The CPU kernels compute in float32 or float64 only, so under CPU autocast
@@ -360,30 +371,50 @@ def run_ln_forward(*args):
 _BF16_DOT = bool({"avx512_bf16", "amx_bf16"} & set(_C.cpu_features()))
 
 
+_AUTOCAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 is left alone
+
+
+def _autocast(device_type, name, args):
+    """The rule above for a call of fastrnn::<name> on args, autocast being on for
+    device_type: (the arguments and keyword arguments to run the op with, a function of its
+    outputs that gives the call's). (A traced call's args may stop before the defaults.)"""
+    out_dtype = torch.get_autocast_dtype(device_type)
+    run_dtype = torch.float32 if device_type == "cpu" else out_dtype
+
+    def eligible(t):
+        return (isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_DTYPES
+                and t.device.type == device_type)
+
+    kwargs = {}
+    if not eligible(args[1]):  # x (gx): float64, or on another device
+        return args, kwargs, _same
+    # (a cast to the dtype a tensor has already costs a call: those are left out)
+    args = tuple(a.to(run_dtype) if isinstance(a, torch.Tensor) and a.dtype != run_dtype
+                 and eligible(a) else a for a in args)
+    if name == "forward" and device_type == "cpu" and out_dtype == torch.bfloat16 \
+            and _BF16_DOT:
+        args, kwargs = args[:16], {"bf16_gemms": True}  # the schema's 17th argument
+    if run_dtype == out_dtype:
+        return args, kwargs, _same
+    return args, kwargs, lambda out: tuple(t.to(out_dtype) for t in out[:3]) + tuple(out[3:])
+
+
+def _same(out):
+    return out
+
+
+_AUTOCAST_KEYS = {}  # device type -> the DispatchKeySet of its autocast key
+
+
 def _register_autocast(device_type, name, op):
     key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+    _AUTOCAST_KEYS[device_type] = exclude
 
     def kernel(_keyset, *args):
-        out_dtype = torch.get_autocast_dtype(device_type)
-        run_dtype = torch.float32 if device_type == "cpu" else out_dtype
-
-        def eligible(t):
-            return (isinstance(t, torch.Tensor) and t.is_floating_point()
-                    and t.device.type == device_type and t.dtype != torch.float64)
-
-        cast = eligible(args[1])  # args[1] is x (gx)
-        kwargs = {}
-        if cast:
-            args = tuple(a.to(run_dtype) if eligible(a) else a for a in args)
-            if name == "forward" and device_type == "cpu" and out_dtype == torch.bfloat16 \
-                    and _BF16_DOT:
-                args, kwargs = args[:16], {"bf16_gemms": True}  # the schema's 17th argument
+        args, kwargs, finish = _autocast(device_type, name, args)
         with torch._C._ExcludeDispatchKeyGuard(exclude):
-            out = op(*args, **kwargs)
-        if not cast or run_dtype == out_dtype:
-            return out
-        return tuple(t.to(out_dtype) for t in out[:3]) + tuple(out[3:])
+            return finish(op(*args, **kwargs))
 
     _impl_lib.impl(name, kernel, key_name, with_keyset=True)
 
