@@ -147,12 +147,12 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
 using LayerOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 LayerOut autograd_forward(const std::string& cell, const at::Tensor& x, const at::Tensor& h0,
-                            const OptTensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                            const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
-                            const OptTensor& lengths, bool reverse, bool save,
-                            const OptTensor& resets, const OptTensor& zoneout_h,
-                            const OptTensor& zoneout_c, const OptTensor& rec_mask,
-                            bool bf16_gemms) {
+                          const OptTensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                          const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                          const OptTensor& lengths, bool reverse, bool save,
+                          const OptTensor& resets, const OptTensor& zoneout_h,
+                          const OptTensor& zoneout_c, const OptTensor& rec_mask,
+                          bool bf16_gemms) {
   variable_list o = LayerFunction::apply(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                                          reverse, save, resets, zoneout_h, zoneout_c, rec_mask,
                                          bf16_gemms);
@@ -161,11 +161,11 @@ LayerOut autograd_forward(const std::string& cell, const at::Tensor& x, const at
 
 // Below autograd (inference mode, torch.no_grad in ops.py) the call is fastrnn::forward's.
 LayerOut plain_forward(const std::string& cell, const at::Tensor& x, const at::Tensor& h0,
-                         const OptTensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                         const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
-                         const OptTensor& lengths, bool reverse, bool save,
-                         const OptTensor& resets, const OptTensor& zoneout_h,
-                         const OptTensor& zoneout_c, const OptTensor& rec_mask, bool bf16_gemms) {
+                       const OptTensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                       const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                       const OptTensor& lengths, bool reverse, bool save,
+                       const OptTensor& resets, const OptTensor& zoneout_h,
+                       const OptTensor& zoneout_c, const OptTensor& rec_mask, bool bf16_gemms) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastrnn::forward", "")
                              .typed<decltype(forward_op)>();
