@@ -1,8 +1,10 @@
-"""Python side of the ``torch.ops.fastrnn`` ops: fake (meta) kernels and autograd.
+"""Python side of the ``torch.ops.fastrnn`` ops: fake (meta) kernels, autograd, autocast.
 
 The native library registers the schemas and the CPU/CUDA kernels; shapes for tracing
 and the backward formula's wiring live here, so ``torch.library.opcheck`` and
-``torch.compile(fullgraph=True)`` see complete ops.
+``torch.compile(fullgraph=True)`` see complete ops. Eager layer calls that record
+autograd take ``autograd_forward`` instead (the same formula in C++, csrc/ops/autograd.cpp,
+for a smaller fixed cost); ``run_forward`` chooses (see ``_run``).
 
 ``forward`` runs all directions (D = 1 or 2) of one layer at once. Per-direction
 arguments are stacked on a leading [D] axis: w_ih [D, G*H, I], w_hh [D, G*H, P],
@@ -12,8 +14,9 @@ directions) marks the steps that start a new episode: the state entering such a 
 (in a reverse direction, the step before it in time) is h0/c0 again. ``zoneout_h``
 [D, T, B, P] and ``zoneout_c`` [D, T, B, H] (LSTM; both or neither) are zoneout's weights
 of the previous state: state_t = z * state_{t-1} + (1 - z) * cell output, and y_t = h_t.
-``rec_mask`` [D, B, P] (recurrent dropout) multiplies the h that feeds W_hh at every step. y is [T, B, D*P] with the directions side by
-side, h_n/c_n are [D, B, *], and the saved tensors are [D, T, B, *].
+``rec_mask`` [D, B, P] (recurrent dropout) multiplies the h that feeds W_hh at every
+step. y is [T, B, D*P] with the directions side by side, h_n/c_n are [D, B, *], and the
+saved tensors are [D, T, B, *].
 """
 import torch
 
