@@ -3,8 +3,8 @@ fastrnn::forward with its derivative in C++ (csrc/ops/autograd.cpp). Checked aga
 op's registered Python formula (what torch.compile and export trace) and torch.nn: the
 same outputs and gradients, bitwise, with the weights stacked [1, ...] or bare (the
 parameters themselves), for partial gradients, under saved-tensor hooks and activation
-checkpointing, and that the modules take this path. Double backward through it is
-tests/test_double_backward.py's.
+checkpointing, torch.library.opcheck, and that the modules take this path. Double
+backward through it is tests/test_double_backward.py's.
 """
 import pytest
 import torch
@@ -56,6 +56,17 @@ def test_same_bits_as_the_registered_formula(cell, reverse, lengths, weights):
     for a, e, t in zip(got_grads, want_grads, grad_inputs(got_args)):
         assert a.shape == t.shape
         torch.testing.assert_close(a, e.view(t.shape), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("weights", ["stacked", "bare"])
+@pytest.mark.parametrize("cell", ["lstm_proj", "gru", "rnn_relu"])
+def test_opcheck(cell, weights):
+    """torch.library's checks of the op: schema, autograd registration, fake tensors (its
+    CompositeExplicitAutograd kernel takes them to fastrnn::forward's fake kernel) and AOT
+    dispatch with dynamic shapes."""
+    proj = 2 if cell == "lstm_proj" else 0
+    args = op_args(cell.replace("_proj", ""), 1, torch.tensor([3, 1, 2]), proj=proj)
+    torch.library.opcheck(ops.autograd_forward, bare(args) if weights == "bare" else args)
 
 
 @pytest.mark.parametrize("which", ["x", "h0", "w_hh", "b_ih"])
