@@ -39,6 +39,23 @@ OptTensor stacked(const OptTensor& w, bool bare) {
   return bare && w.has_value() ? OptTensor(w->unsqueeze(0)) : w;
 }
 
+// fastrnn::forward on these arguments, bare weights given their [1] axis.
+ForwardOut forward_stacked(const std::string& cell, const at::Tensor& x, const at::Tensor& h0,
+                           const OptTensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                           const OptTensor& lengths, bool reverse, bool save,
+                           const OptTensor& resets, const OptTensor& zoneout_h,
+                           const OptTensor& zoneout_c, const OptTensor& rec_mask,
+                           bool bf16_gemms) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastrnn::forward", "")
+                             .typed<decltype(forward_op)>();
+  const bool bare = w_hh.dim() == 2;
+  return op.call(cell, x, h0, c0, stacked(w_ih, bare), stacked(w_hh, bare), stacked(b_ih, bare),
+                 stacked(b_hh, bare), stacked(w_hr, bare), lengths, reverse, save, resets,
+                 zoneout_h, zoneout_c, rec_mask, bf16_gemms);
+}
+
 struct LayerFunction : public torch::autograd::Function<LayerFunction> {
   static variable_list forward(AutogradContext* ctx, const std::string& cell, const at::Tensor& x,
                                const at::Tensor& h0, const OptTensor& c0, const at::Tensor& w_ih,
@@ -47,16 +64,11 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
                                bool save, const OptTensor& resets, const OptTensor& zoneout_h,
                                const OptTensor& zoneout_c, const OptTensor& rec_mask,
                                bool bf16_gemms) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fastrnn::forward", "")
-                               .typed<decltype(forward_op)>();
-    const bool bare = w_hh.dim() == 2;
     ForwardOut out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;  // straight to the device's kernel
-      out = op.call(cell, x, h0, c0, stacked(w_ih, bare), stacked(w_hh, bare),
-                    stacked(b_ih, bare), stacked(b_hh, bare), stacked(w_hr, bare), lengths,
-                    reverse, save, resets, zoneout_h, zoneout_c, rec_mask, bf16_gemms);
+      out = forward_stacked(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                            save, resets, zoneout_h, zoneout_c, rec_mask, bf16_gemms);
     }
     auto& [y, h_n, c_n, gates, hprev, cprev, m] = out;
     // The inputs are kept (references, no copies) for the second-order path.
@@ -75,7 +87,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["bf16_gemms"] = bf16_gemms;
-    ctx->saved_data["bare"] = bare;
+    ctx->saved_data["bare"] = w_hh.dim() == 2;
     ctx->set_materialize_grads(false);  // unused outputs cost no zero-filled gradients
     return {y, h_n, c_n};
   }
@@ -166,13 +178,9 @@ LayerOut plain_forward(const std::string& cell, const at::Tensor& x, const at::T
                        const OptTensor& lengths, bool reverse, bool save,
                        const OptTensor& resets, const OptTensor& zoneout_h,
                        const OptTensor& zoneout_c, const OptTensor& rec_mask, bool bf16_gemms) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastrnn::forward", "")
-                             .typed<decltype(forward_op)>();
-  const bool bare = w_hh.dim() == 2;
-  auto out = op.call(cell, x, h0, c0, stacked(w_ih, bare), stacked(w_hh, bare),
-                     stacked(b_ih, bare), stacked(b_hh, bare), stacked(w_hr, bare), lengths,
-                     reverse, save, resets, zoneout_h, zoneout_c, rec_mask, bf16_gemms);
+  const ForwardOut out = forward_stacked(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                         reverse, save, resets, zoneout_h, zoneout_c, rec_mask,
+                                         bf16_gemms);
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 

@@ -115,9 +115,8 @@ def _layer(cell, x, h0, c0, weights, lengths, reverse, resets, zoneout_h, zoneou
     else:
         w_ih, w_hh, b_ih, b_hh, w_hr = (_stack(list(ws)) for ws in zip(*weights))
     save = _save(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-            None if lengths is None else _lengths(lengths, x), reverse, save, resets, zoneout_h,
-            zoneout_c, rec_mask) + ((True,) if bf16_gemms else ())
+    args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _lengths(lengths, x), reverse, save,
+            resets, zoneout_h, zoneout_c, rec_mask) + ((True,) if bf16_gemms else ())
     y, h_n, c_n, *_ = ops.run_forward(*args, grad=save)
     return y, h_n, (c_n if cell == "lstm" else None)
 
