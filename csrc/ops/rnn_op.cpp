@@ -84,16 +84,18 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias
     const at::Tensor a16 = bf16_operand(a, kBf16A), b16 = bf16_operand(b, kBf16B);
     at::Tensor c16 = scratch(kBf16Product, {a.size(0), b.size(1)}, a16.options());
     at::mm_out(c16, a16, b16);
-    if (!out.defined()) out = at::empty(c16.sizes(), c16.options().dtype(at::kFloat));
-    out.copy_(c16);
-    if (bias.defined()) out.add_(bias);
+    if (!out.defined()) out = pooled_empty(c16.sizes(), c16.options().dtype(at::kFloat));
+    if (bias.defined())
+      at::add_out(out, c16, bias);  // widened and biased in one pass
+    else
+      out.copy_(c16);
     return out;
   }
   if (a.is_cuda()) {
     if (!out.defined()) return bias.defined() ? at::addmm(bias, a, b) : at::mm(a, b);
     return bias.defined() ? at::addmm_out(out, bias, a, b) : at::mm_out(out, a, b);
   }
-  if (!out.defined()) out = at::empty({a.size(0), b.size(1)}, a.options());
+  if (!out.defined()) out = pooled_empty({a.size(0), b.size(1)}, a.options());
   cpu_matmul_out(out, a, b, bias.defined() ? bias.contiguous() : bias, false);
   return out;
 }
@@ -174,13 +176,13 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
   a.s = s;
   a.reverse = reverse;
   const at::Tensor x = x_.contiguous();
-  a.y = at::empty({s.T, s.B, s.D * s.P}, x.options());  // directions side by side
+  a.y = pooled_empty({s.T, s.B, s.D * s.P}, x.options());  // directions side by side
   a.h_n = at::empty({s.D, s.B, s.P}, x.options());
   a.c_n = lstm ? at::empty({s.D, s.B, s.H}, x.options()) : empty0(x);
-  a.gates = save ? saved_empty({s.D, s.T, s.B, s.S * s.H}, x.options()) : empty0(x);
-  a.hprev = save ? saved_empty({s.D, s.T, s.B, s.P}, x.options()) : empty0(x);
-  a.cprev = save && lstm ? saved_empty({s.D, s.T, s.B, s.H}, x.options()) : empty0(x);
-  a.m = save && s.proj ? saved_empty({s.D, s.T, s.B, s.H}, x.options()) : empty0(x);
+  a.gates = save ? pooled_empty({s.D, s.T, s.B, s.S * s.H}, x.options()) : empty0(x);
+  a.hprev = save ? pooled_empty({s.D, s.T, s.B, s.P}, x.options()) : empty0(x);
+  a.cprev = save && lstm ? pooled_empty({s.D, s.T, s.B, s.H}, x.options()) : empty0(x);
+  a.m = save && s.proj ? pooled_empty({s.D, s.T, s.B, s.H}, x.options()) : empty0(x);
   ForwardOut out{a.y, a.h_n, a.c_n, a.gates, a.hprev, a.cprev, a.m};
   if (s.B == 0) return out;
   if (s.T == 0) {
@@ -244,12 +246,12 @@ ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx_, const a
   a.reverse = reverse;
   a.eps = eps;
   const at::TensorOptions o = gx_.options();
-  a.y = at::empty({s.T, s.B, s.D * s.H}, o);
+  a.y = pooled_empty({s.T, s.B, s.D * s.H}, o);
   a.h_n = at::empty({s.D, s.B, s.H}, o);
   a.c_n = lstm ? at::empty({s.D, s.B, s.H}, o) : empty0(gx_);
-  a.gates = save ? saved_empty({s.D, s.T, s.B, s.S * s.H}, o) : empty0(gx_);
-  a.hprev = save ? saved_empty({s.D, s.T, s.B, s.H}, o) : empty0(gx_);
-  a.cprev = save && lstm ? saved_empty({s.D, s.T, s.B, s.H}, o) : empty0(gx_);
+  a.gates = save ? pooled_empty({s.D, s.T, s.B, s.S * s.H}, o) : empty0(gx_);
+  a.hprev = save ? pooled_empty({s.D, s.T, s.B, s.H}, o) : empty0(gx_);
+  a.cprev = save && lstm ? pooled_empty({s.D, s.T, s.B, s.H}, o) : empty0(gx_);
   a.ln_rstd = save ? at::zeros({s.D, s.T, s.B, 2}, o) : empty0(gx_);
   ForwardOut out{a.y, a.h_n, a.c_n, a.gates, a.hprev, a.cprev, a.ln_rstd};
   if (s.B == 0) return out;
@@ -324,7 +326,7 @@ LnBackwardOut ln_backward_op(const std::string& cell, const c10::optional<at::Te
   };
   a.dh0 = state_grad(a.dh_n);
   a.dc0 = lstm ? state_grad(a.dc_n) : empty0(gx);
-  a.dgx = at::empty({s.T, s.B, DGH}, o);  // returned: a tensor of its own
+  a.dgx = pooled_empty({s.T, s.B, DGH}, o);  // returned: a tensor of its own
   a.dgh = lstm ? a.dgx : scratch(kDgh, {s.T, s.B, DGH}, o);
   a.draw = scratch(kDgx, {s.T, s.B, DGH}, o);
   a.dlnc = lstm ? at::empty({s.D, s.T, s.B, s.H}, o) : empty0(gx);
@@ -478,17 +480,18 @@ BackwardOut backward_op(const std::string& cell, const c10::optional<at::Tensor>
   const at::Tensor hp = take(hrec.view({s.D, TB, s.P}), rows, 1);
   const at::Tensor mv = s.proj ? take(m.contiguous().view({s.D, TB, s.H}), rows, 1) : at::Tensor();
   const at::Tensor dht = s.proj ? take(a.dhtot.view({s.D, TB, s.P}), rows, 1) : at::Tensor();
-  std::vector<at::Tensor> dw_hh_d, db_hh_d, dw_hr_d;
+  // Each direction's weight gradients straight into its slice of the result.
+  at::Tensor dw_hh = pooled_empty({s.D, GH, s.P}, x.options());
+  at::Tensor dw_hr = s.proj ? pooled_empty({s.D, s.P, s.H}, x.options()) : empty0(x);
+  std::vector<at::Tensor> db_hh_d;
   for (int64_t d = 0; d < s.D; ++d) {
     const at::Tensor g = dgh.select(1, d);  // [N, G*H], a strided view
-    dw_hh_d.push_back(gemm(dgh16.select(1, d).t(), hp[d], {}, {}, bf16_gemms));
+    gemm(dgh16.select(1, d).t(), hp[d], {}, dw_hh[d], bf16_gemms);
     if (s.kind == CellKind::GRU) db_hh_d.push_back(column_sum(g));
-    if (s.proj) dw_hr_d.push_back(gemm(dht[d].t(), mv[d], {}, {}, bf16_gemms));
+    if (s.proj) gemm(dht[d].t(), mv[d], {}, dw_hr[d], bf16_gemms);
   }
-  at::Tensor dw_hh = at::stack(dw_hh_d);
   at::Tensor db_ih = column_sum(dgx).view({s.D, GH});
   at::Tensor db_hh = s.kind == CellKind::GRU ? at::stack(db_hh_d) : db_ih.clone();  // same sum otherwise
-  at::Tensor dw_hr = s.proj ? at::stack(dw_hr_d) : empty0(x);
   return {dx, a.dh0, a.dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
 }
 

@@ -11,8 +11,9 @@
 namespace fastrnn {
 namespace {
 
-// Smaller tensors come from torch's allocator: glibc's heap already reuses them.
-constexpr size_t kMinBytes = size_t(4) << 20;
+// Smaller tensors come from torch's allocator: glibc's heap reuses them (it maps or trims
+// from about 128 KiB).
+constexpr size_t kMinBytes = size_t(256) << 10;
 // Freed blocks kept for reuse, in bytes, at most; the oldest go first.
 constexpr size_t kMaxCachedBytes = size_t(1) << 30;
 
@@ -101,7 +102,7 @@ void Pool::give_back(void* ctx) { pool().put(static_cast<Block*>(ctx)); }
 
 }  // namespace
 
-at::Tensor saved_empty(at::IntArrayRef shape, const at::TensorOptions& opts) {
+at::Tensor pooled_empty(at::IntArrayRef shape, const at::TensorOptions& opts) {
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(shape)) * opts.dtype().itemsize();
   // torch.utils.deterministic.fill_uninitialized_memory: at::empty fills in NaN.
   const bool fill = at::globalContext().deterministicAlgorithms() &&
