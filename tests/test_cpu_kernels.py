@@ -69,7 +69,8 @@ def test_float32_matches_reference(isa, cell):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 5, 3), (13, 300, 50), (64, 33, 97),
-                                   (600, 70, 130), (3, 0, 4), (40, 520, 256)])
+                                   (600, 70, 130), (3, 0, 4), (40, 520, 256), (300, 90, 8),
+                                   (257, 40, 1), (0, 5, 3)])
 @pytest.mark.parametrize("layout", ["nn", "tn", "nt", "tt"])
 def test_mm_matches_torch(isa, dtype, M, K, N, layout):
     g = torch.Generator().manual_seed(M * 1000 + K * 10 + N)
@@ -85,8 +86,9 @@ def test_mm_matches_torch(isa, dtype, M, K, N, layout):
     torch.testing.assert_close(out, a @ b, **tol)
 
 
-def test_mm_is_bitwise_stable_across_thread_counts():
-    a, b = torch.randn(300, 700), torch.randn(700, 90)
+@pytest.mark.parametrize("N", [90, 8])  # 8: computed as the transposed product
+def test_mm_is_bitwise_stable_across_thread_counts(N):
+    a, b = torch.randn(300, 700), torch.randn(700, N)
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -96,6 +98,16 @@ def test_mm_is_bitwise_stable_across_thread_counts():
     finally:
         torch.set_num_threads(saved)
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("N", [1, 5, 15])
+def test_narrow_mm_has_the_bits_of_its_transpose(N):
+    """A product under 16 columns wide runs as its transpose; each value is the same sum
+    in the same order as in a wide product's column."""
+    a, b = torch.randn(200, 300), torch.randn(300, N)
+    wide = torch.ops.fastrnn.mm(a, torch.cat([b, torch.randn(300, 40)], 1))[:, :N]
+    assert torch.equal(torch.ops.fastrnn.mm(a, b), wide)
+    assert torch.equal(torch.ops.fastrnn.mm(a, b), torch.ops.fastrnn.mm(b.t(), a.t()).t())
 
 
 def test_mm_errors():
