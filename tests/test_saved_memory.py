@@ -87,6 +87,20 @@ def test_module_training_steps_reuse_the_same_blocks():
     assert ops._C.saved_memory_cached() == 0
 
 
+def test_calls_of_changing_sizes_keep_at_most_one_working_set():
+    """Outputs of ever-larger calls cannot reuse each other's blocks: the pool keeps no
+    more than the most its tensors held at once (here one output), not all of them."""
+    m = fastrnn.GRU(8, 176).double()
+    sizes = []
+    with torch.no_grad():
+        for T in range(10, 101, 10):
+            y, _ = m(torch.randn(T, 64, 8, dtype=torch.float64))
+            assert y.nbytes >= MIN_BYTES
+            sizes.append(y.nbytes)
+            del y
+    assert 0 < ops._C.saved_memory_cached() <= max(sizes) < sum(sizes)
+
+
 def test_empty_cache_frees_the_scratch_memory():
     """A call's large temporaries stay for the next call until empty_cache(); the calls
     after it allocate afresh and give the same result."""

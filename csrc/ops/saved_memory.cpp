@@ -5,6 +5,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/irange.h>
 
+#include <algorithm>
 #include <mutex>
 #include <vector>
 
@@ -14,7 +15,10 @@ namespace {
 // Smaller tensors come from torch's allocator: glibc's heap reuses them (it maps or trims
 // from about 128 KiB).
 constexpr size_t kMinBytes = size_t(256) << 10;
-// Freed blocks kept for reuse, in bytes, at most; the oldest go first.
+// Freed blocks kept for reuse, in bytes, at most; the oldest go first. Never more than the
+// most the pool's tensors held at once either: a steady training step gets all its blocks
+// back, while calls of ever-changing sizes (inference on variable lengths) keep no more
+// than one working set of blocks they cannot use.
 constexpr size_t kMaxCachedBytes = size_t(1) << 30;
 
 struct Block {
@@ -27,6 +31,11 @@ class Pool final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     Block* b = take(n);
     if (!b) b = new Block{c10::alloc_cpu(n), n};
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      in_use_ += b->bytes;
+      peak_in_use_ = std::max(peak_in_use_, in_use_);
+    }
     return {b->mem, b, &Pool::give_back, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -40,6 +49,7 @@ class Pool final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mu_);
       out.swap(free_);
       cached_ = 0;
+      peak_in_use_ = in_use_;
     }
     for (Block* b : out) destroy(b);
   }
@@ -71,7 +81,8 @@ class Pool final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mu_);
       free_.push_back(b);
       cached_ += b->bytes;
-      while (cached_ > kMaxCachedBytes) {
+      in_use_ -= b->bytes;
+      while (cached_ > std::min(kMaxCachedBytes, peak_in_use_)) {
         out.push_back(free_.front());
         cached_ -= free_.front()->bytes;
         free_.erase(free_.begin());
@@ -90,6 +101,7 @@ class Pool final : public c10::Allocator {
   std::mutex mu_;
   std::vector<Block*> free_;  // oldest first
   size_t cached_ = 0;
+  size_t in_use_ = 0, peak_in_use_ = 0;  // bytes of the blocks the pool's tensors hold
 };
 
 // Never destroyed: a tensor can outlive the static destructors.
