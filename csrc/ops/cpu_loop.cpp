@@ -60,16 +60,6 @@ void cpu_matmul_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && out.dim() == 2 && out.stride(1) == 1);
   TORCH_INTERNAL_ASSERT(a.size(1) == b.size(0) && out.size(0) == a.size(0) &&
                         out.size(1) == b.size(1));
-  // A product fewer than 16 columns wide (dx and dW_ih of a layer with a small input) would
-  // pad most of every tile: compute its transpose b^T a^T instead, with the rows as columns.
-  // Each value is the same sum in the same order (the same bits); 2.4-4.6x faster at
-  // 1600 x 1024 x 8 and x 1.
-  if (!bias.defined() && !accumulate && b.size(1) < 16 && a.size(0) > b.size(1)) {
-    at::Tensor out_t = at::empty({b.size(1), a.size(0)}, out.options());
-    cpu_matmul_out(out_t, b.t(), a.t(), bias, false);
-    out.copy_(out_t.t());
-    return;
-  }
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fastrnn_cpu_matmul", [&] {
     cpu::GemmArgs<scalar_t> g;
     g.M = a.size(0);

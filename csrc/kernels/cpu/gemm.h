@@ -186,6 +186,10 @@ struct Gemm {
   // multiple of its width and not of ours (256, 512, ...), no column of the last panel is
   // computed only to be dropped.
   using Wider = Gemm<T, L, std::max(1, MR * NV / (NV + 1)), NV + 1>;
+  // One vector wide, with half the accumulators as rows (its A block stays in L1): for N of
+  // at most one vector (dx and dW_ih of a layer with a small input), which a wide tile
+  // computes mostly as padding (N = 8: 8 of the 48 columns of an AVX-512 8x3 tile).
+  using Narrow = Gemm<T, L, std::max(1, MR * NV / 2), 1>;
   static constexpr int64_t kKc = 512;
   static constexpr int64_t kBlock =
       std::max<int64_t>(1, (512 * 1024) / (kKc * kWidth * static_cast<int64_t>(sizeof(T))));
@@ -293,14 +297,18 @@ void parallel_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int
   }
 }
 
-// parallel_gemm with G or G::Wider, whichever pads N less (G on a tie).
+// parallel_gemm with G, G::Wider or, for N of at most one vector, G::Narrow: whichever
+// pads N least (G on a tie). Every value is summed in the same order with each of them.
 template <class G, class T>
 void parallel_gemm_fit(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int64_t aks,
                        const T* b, int64_t bk, int64_t bn, T beta, const T* bias, T* c,
                        int64_t ldc, int threads) {
   using W = typename G::Wider;
+  using Nw = typename G::Narrow;
   auto padding = [N](int64_t width) { return (N + width - 1) / width * width - N; };
-  if (padding(W::kWidth) < padding(G::kWidth))
+  if (N <= Nw::kWidth && Nw::kWidth < G::kWidth)
+    parallel_gemm<Nw>(M, N, K, a, ars, aks, b, bk, bn, beta, bias, c, ldc, threads);
+  else if (padding(W::kWidth) < padding(G::kWidth))
     parallel_gemm<W>(M, N, K, a, ars, aks, b, bk, bn, beta, bias, c, ldc, threads);
   else
     parallel_gemm<G>(M, N, K, a, ars, aks, b, bk, bn, beta, bias, c, ldc, threads);
