@@ -103,11 +103,38 @@ def test_mm_is_bitwise_stable_across_thread_counts(N):
 @pytest.mark.parametrize("N", [1, 5, 15])
 def test_narrow_mm_has_the_bits_of_a_wide_one(isa, N):
     """A product at most one vector wide takes a one-vector tile; each value is the same sum
-    in the same order as in a wide product's column, and as in its transpose."""
+    in the same order as in a wide product's column, and as in its transpose (of more than
+    ROW_DOT_ROWS rows; fewer take the row dots below)."""
     a, b = torch.randn(200, 300), torch.randn(300, N)
     wide = torch.ops.fastrnn.mm(a, torch.cat([b, torch.randn(300, 40)], 1))[:, :N]
     assert torch.equal(torch.ops.fastrnn.mm(a, b), wide)
-    assert torch.equal(torch.ops.fastrnn.mm(a, b), torch.ops.fastrnn.mm(b.t(), a.t()).t())
+    if N > ROW_DOT_ROWS:
+        assert torch.equal(torch.ops.fastrnn.mm(a, b), torch.ops.fastrnn.mm(b.t(), a.t()).t())
+
+
+ROW_DOT_ROWS = 8  # gemm.h's kRowDotRows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K", [1, 7, 16, 300])
+def test_row_dots_bits_depend_on_k_alone(isa, dtype, K):
+    """x W^T for at most ROW_DOT_ROWS rows reads W unpacked and sums each value in vector
+    lanes: its bits must not depend on the thread count, on the other rows of x, or on the
+    other rows of W (a split of N), and they match torch within the dtype's tolerance."""
+    x, w = torch.randn(ROW_DOT_ROWS, K, dtype=dtype), torch.randn(100, K, dtype=dtype)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.fastrnn.mm(x, w.t())
+        torch.set_num_threads(2)
+        two = torch.ops.fastrnn.mm(x, w.t())
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(one, two)
+    assert torch.equal(torch.ops.fastrnn.mm(x[3:4], w.t()), one[3:4])
+    assert torch.equal(torch.ops.fastrnn.mm(x[2:5], w[17:70].t()), one[2:5, 17:70])
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(one, x @ w.t(), **tol)
 
 
 def test_mm_errors():

@@ -82,6 +82,22 @@ def test_matches_reference(cell, size, dtype, with_lengths):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("size", [(1, 1, 1, 5, 130), (2, 1, 8, 4, 37), (1, 1, 9, 3, 20)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_step_matches_reference(cell, size, dtype):
+    """One step of at most 8 rows reads W_hh without packing it (row dots), 9 rows pack it:
+    with lengths of 0 and 1, zoneout and recurrent dropout."""
+    D, T, B, I, H = size
+    x, h0, c0, weights, ex = ln_inputs(cell, D, T, B, I, H, dtype, extras=("zoneout", "rec_mask"))
+    lengths = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 0])[:B]
+    for kw, lens in ((ex, None), ({}, lengths)):
+        got = outputs_and_grads(F.ln_layer, cell, x, h0, c0, weights, lens, kw)
+        want = outputs_and_grads(R.ln_layer, cell, x, h0, c0, weights, lens, kw)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("size", [SIZES[0], SIZES[3]])
 def test_extensions_match_reference(cell, size):
     """resets, zoneout and recurrent dropout together, with lengths."""

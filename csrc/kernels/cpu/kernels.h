@@ -36,10 +36,11 @@ struct GemmArgs {
 inline int64_t layer_norm_parts(int64_t B, int64_t H) { return 4 * B * ((H + 15) / 16); }
 template <class T>
 inline int64_t forward_workspace(const ForwardParams<T>& p, int gates) {
-  // h, c ping-pong; m; zero bias; h * rec_mask ping-pong; LayerNorm: h W_hh^T and parts;
-  // bf16 step: bf16 pairs of h, ping-pong (32-bit values)
+  // h, c ping-pong; m; zero bias; h * rec_mask ping-pong; LayerNorm or one step: h W_hh^T;
+  // LayerNorm: parts; bf16 step: bf16 pairs of h, ping-pong (32-bit values)
   return 2 * p.B * p.P + 3 * p.B * p.H + gates * p.H + 2 * p.B * p.P +
-         (p.layer_norm() ? p.B * gates * p.H + layer_norm_parts(p.B, p.H) : 0) +
+         (p.layer_norm() || p.T == 1 ? p.B * gates * p.H : 0) +
+         (p.layer_norm() ? layer_norm_parts(p.B, p.H) : 0) +
          (p.bf16_step ? 2 * p.B * ((p.P + 1) / 2) : 0);
 }
 template <class T>

@@ -326,10 +326,13 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
   const bool narrow = B <= MRn;
   const int64_t width = (narrow ? NBn : 1) * L;  // units per panel
   const int64_t blocks = (hs + width - 1) / width;
+  // One step of a few rows (a cell call, a decoder's step): the product reads W_hh where it
+  // lies instead (row_dots into raw), since packing it would cost more than the step.
+  const bool direct = Tn == 1 && B <= kRowDotRows;
   // bf16 step (bf16_products): W_hh as bf16 pairs instead, and the h that feeds it rounded
   // once per step into hb (pairs, ping-pong [2, Bn, K2], schedule order, in the team's
   // workspace where LayerNorm cells keep raw) by the thread that wrote it.
-  const bool bf16 = bf16_products<Cell, Isa, T>(p.bf16_step, B, H, P);
+  const bool bf16 = !direct && bf16_products<Cell, Isa, T>(p.bf16_step, B, H, P);
   const int64_t K2 = (P + 1) / 2;
   Buffer<T> w_rec;
   Buffer<int32_t> w16;
@@ -345,7 +348,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
         pack_gates_bf16<G, 1, VI>(p.w_hh, H, P, j0, hs, w16.data);
     }
 #endif
-  } else {
+  } else if (!direct) {
     w_rec.resize(std::max<int64_t>(1, blocks * P * G * width));
     if (narrow)
       pack_gates<G, NBn, V>(p.w_hh, H, P, j0, hs, w_rec.data);
@@ -457,16 +460,26 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
   // and the cell math; LnLstm then also normalises c: its blocks' moments, (barrier) its
   // statistics and the output. Generic in the cell, so only LayerNorm cells instantiate it.
   const int64_t nblk = norm_blocks(H), k0 = first_block(j0), k1 = end_block(j1);
-  T* raw = hdrop + 2 * Bn * P;         // [B, G*H] h W_hh^T, schedule order (LayerNorm)
+  T* raw = hdrop + 2 * Bn * P;         // [B, G*H] h W_hh^T, schedule order (LayerNorm, direct)
   T* part = raw + Bn * G * H;          // [B, nblk, 2] its blocks' moments
   T* part_c = part + 2 * Bn * nblk;    // [B, nblk, 2] those of c (LnLstm)
+  // direct: h W_hh^T of the running rows [0, n) and this thread's units of every gate, from
+  // W_hh as it lies, into raw.
+  auto direct_product = [&](const StepIo<T>& io, int64_t n) {
+    for (int g = 0; g < G; ++g)
+      row_dots<V, T>(n, hs, P, io.hrec, P, p.w_hh + (g * H + j0) * P, P, false, nullptr,
+                  raw + g * H + j0, G * H);
+  };
   auto ln_cells = [&](auto cell, const StepIo<T>& io, int64_t t, int64_t n) {
     using C = decltype(cell);
     const int64_t GH = G * H;
-    for_tiles(n, [&](auto rows, auto nb, int64_t i0, int64_t u, int64_t u0, int64_t nu) {
-      raw_tile<G, decltype(rows)::value, decltype(nb)::value, V>(
-          P, H, io.hrec, w_rec.data + u * P * G * width, i0, u0, nu, raw);
-    });
+    if (direct)
+      direct_product(io, n);
+    else
+      for_tiles(n, [&](auto rows, auto nb, int64_t i0, int64_t u, int64_t u0, int64_t nu) {
+        raw_tile<G, decltype(rows)::value, decltype(nb)::value, V>(
+            P, H, io.hrec, w_rec.data + u * P * G * width, i0, u0, nu, raw);
+      });
     for (int64_t i = 0; i < n; ++i)
       for (int64_t k = k0; k < k1; ++k)
         block_moments<V>(raw + i * GH, H, G, k, part + (i * nblk + k) * 2);
@@ -562,6 +575,24 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
         }
       }
 #endif
+      if (direct) {
+        direct_product(io, n);
+        for_tiles(n, [&](auto rows, auto nb, int64_t i0, int64_t u, int64_t u0, int64_t nu) {
+          constexpr int R = decltype(rows)::value, NB = decltype(nb)::value;
+          fused_tile<Cell, R, NB, V>(p, io, i0, u0, nu, [&](V (&acc)[R][NB * G]) {
+            for (int b = 0; b < NB; ++b) {
+              const int64_t ub = u0 + b * L, m = std::min<int64_t>(L, u0 + nu - ub);
+              if (m <= 0) break;
+              for (int r = 0; r < R; ++r)
+                for (int g = 0; g < G; ++g) {
+                  const T* q = raw + (i0 + r) * G * H + g * H + ub;
+                  acc[r][b * G + g] = m == L ? V::load(q) : V::load(q, static_cast<int>(m));
+                }
+            }
+          });
+        });
+        done = true;
+      }
       if (!done)
         for_tiles(n, [&](auto rows, auto nb, int64_t i0, int64_t u, int64_t u0, int64_t nu) {
           constexpr int R = decltype(rows)::value, NV = decltype(nb)::value * G;
