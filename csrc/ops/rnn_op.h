@@ -105,6 +105,18 @@ template <class T, class E = T>
 E* mptr(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? reinterpret_cast<E*>(t.mutable_data_ptr<T>()) : nullptr;
 }
+// Direction d's slice of a per-direction tensor [D, ...] (contiguous): a pointer into its
+// data, not a tensor (a select costs about a microsecond, and a call takes a dozen).
+template <class T, class E = T>
+const E* cptr_d(const at::Tensor& t, int d) {
+  const E* p = cptr<T, E>(t);
+  return p ? p + d * t.stride(0) : nullptr;
+}
+template <class T, class E = T>
+E* mptr_d(const at::Tensor& t, int d) {
+  E* p = mptr<T, E>(t);
+  return p ? p + d * t.stride(0) : nullptr;
+}
 inline const int64_t* lengths_ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<int64_t>() : nullptr;
 }
@@ -118,25 +130,24 @@ template <class T, class E = T>
 ForwardParams<E> forward_params(const LoopTensors& a, int d) {
   const Shapes& s = a.s;
   const int64_t GH = s.G * s.H;
-  auto at_d = [d](const at::Tensor& t) { return t.defined() && t.numel() > 0 ? t[d] : t; };
   ForwardParams<E> p;
   p.T = s.T; p.B = s.B; p.H = s.H; p.P = s.P;
   p.ldgx = s.D * GH; p.ldy = s.D * s.P;
   p.gx = cptr<T, E>(a.gx) + d * GH;
-  p.w_hh = cptr<T, E>(at_d(a.w_hh)); p.b_hh = cptr<T, E>(at_d(a.b_hh));
-  p.w_hr = cptr<T, E>(at_d(a.w_hr)); p.h0 = cptr<T, E>(at_d(a.h0)); p.c0 = cptr<T, E>(at_d(a.c0));
+  p.w_hh = cptr_d<T, E>(a.w_hh, d); p.b_hh = cptr_d<T, E>(a.b_hh, d);
+  p.w_hr = cptr_d<T, E>(a.w_hr, d); p.h0 = cptr_d<T, E>(a.h0, d); p.c0 = cptr_d<T, E>(a.c0, d);
   p.lengths = lengths_ptr(a.lengths); p.reverse = a.reverse != (d == 1);
   p.resets = resets_ptr(a.resets);
-  p.zoneout_h = cptr<T, E>(at_d(a.zoneout_h)); p.zoneout_c = cptr<T, E>(at_d(a.zoneout_c));
-  p.rec_mask = cptr<T, E>(at_d(a.rec_mask));
+  p.zoneout_h = cptr_d<T, E>(a.zoneout_h, d); p.zoneout_c = cptr_d<T, E>(a.zoneout_c, d);
+  p.rec_mask = cptr_d<T, E>(a.rec_mask, d);
   p.y = mptr<T, E>(a.y) + d * s.P;
-  p.h_n = mptr<T, E>(at_d(a.h_n)); p.c_n = mptr<T, E>(at_d(a.c_n));
-  p.gates = mptr<T, E>(at_d(a.gates)); p.hprev = mptr<T, E>(at_d(a.hprev));
-  p.cprev = mptr<T, E>(at_d(a.cprev)); p.m = mptr<T, E>(at_d(a.m));
-  p.ln_w = cptr<T, E>(at_d(a.ln_w)); p.ln_b = cptr<T, E>(at_d(a.ln_b));
-  p.lnc_w = cptr<T, E>(at_d(a.lnc_w)); p.lnc_b = cptr<T, E>(at_d(a.lnc_b));
-  p.gx_w = cptr<T, E>(at_d(a.gx_w)); p.gx_b = cptr<T, E>(at_d(a.gx_b));
-  p.eps = a.eps; p.ln_rstd = mptr<T, E>(at_d(a.ln_rstd));
+  p.h_n = mptr_d<T, E>(a.h_n, d); p.c_n = mptr_d<T, E>(a.c_n, d);
+  p.gates = mptr_d<T, E>(a.gates, d); p.hprev = mptr_d<T, E>(a.hprev, d);
+  p.cprev = mptr_d<T, E>(a.cprev, d); p.m = mptr_d<T, E>(a.m, d);
+  p.ln_w = cptr_d<T, E>(a.ln_w, d); p.ln_b = cptr_d<T, E>(a.ln_b, d);
+  p.lnc_w = cptr_d<T, E>(a.lnc_w, d); p.lnc_b = cptr_d<T, E>(a.lnc_b, d);
+  p.gx_w = cptr_d<T, E>(a.gx_w, d); p.gx_b = cptr_d<T, E>(a.gx_b, d);
+  p.eps = a.eps; p.ln_rstd = mptr_d<T, E>(a.ln_rstd, d);
   p.bf16_step = a.bf16_step;
   return p;
 }
@@ -145,30 +156,29 @@ template <class T, class E = T>
 BackwardParams<E> backward_params(const LoopTensors& a, int d) {
   const Shapes& s = a.s;
   const int64_t GH = s.G * s.H;
-  auto at_d = [d](const at::Tensor& t) { return t.defined() && t.numel() > 0 ? t[d] : t; };
   BackwardParams<E> p;
   p.T = s.T; p.B = s.B; p.H = s.H; p.P = s.P;
   p.ldy = s.D * s.P; p.ldg = s.D * GH;
-  p.w_hh = cptr<T, E>(at_d(a.w_hh)); p.w_hr = cptr<T, E>(at_d(a.w_hr));
+  p.w_hh = cptr_d<T, E>(a.w_hh, d); p.w_hr = cptr_d<T, E>(a.w_hr, d);
   p.lengths = lengths_ptr(a.lengths); p.reverse = a.reverse != (d == 1);
   p.resets = resets_ptr(a.resets);
-  p.zoneout_h = cptr<T, E>(at_d(a.zoneout_h)); p.zoneout_c = cptr<T, E>(at_d(a.zoneout_c));
-  p.rec_mask = cptr<T, E>(at_d(a.rec_mask));
+  p.zoneout_h = cptr_d<T, E>(a.zoneout_h, d); p.zoneout_c = cptr_d<T, E>(a.zoneout_c, d);
+  p.rec_mask = cptr_d<T, E>(a.rec_mask, d);
   p.dy = a.dy.defined() ? cptr<T, E>(a.dy) + d * s.P : nullptr;
-  p.gates = cptr<T, E>(at_d(a.gates)); p.hprev = cptr<T, E>(at_d(a.hprev));
-  p.cprev = cptr<T, E>(at_d(a.cprev));
+  p.gates = cptr_d<T, E>(a.gates, d); p.hprev = cptr_d<T, E>(a.hprev, d);
+  p.cprev = cptr_d<T, E>(a.cprev, d);
   p.dgx = mptr<T, E>(a.dgx) + d * GH; p.dgh = mptr<T, E>(a.dgh) + d * GH;
-  p.dh_n = cptr<T, E>(at_d(a.dh_n)); p.dc_n = cptr<T, E>(at_d(a.dc_n));
-  p.dh0 = mptr<T, E>(at_d(a.dh0)); p.dc0 = mptr<T, E>(at_d(a.dc0));
-  p.dhtot = mptr<T, E>(at_d(a.dhtot));
-  p.ln_w = cptr<T, E>(at_d(a.ln_w));
-  p.lnc_w = cptr<T, E>(at_d(a.lnc_w)); p.lnc_b = cptr<T, E>(at_d(a.lnc_b));
-  p.ln_rstd = cptr<T, E>(at_d(a.ln_rstd));
+  p.dh_n = cptr_d<T, E>(a.dh_n, d); p.dc_n = cptr_d<T, E>(a.dc_n, d);
+  p.dh0 = mptr_d<T, E>(a.dh0, d); p.dc0 = mptr_d<T, E>(a.dc0, d);
+  p.dhtot = mptr_d<T, E>(a.dhtot, d);
+  p.ln_w = cptr_d<T, E>(a.ln_w, d);
+  p.lnc_w = cptr_d<T, E>(a.lnc_w, d); p.lnc_b = cptr_d<T, E>(a.lnc_b, d);
+  p.ln_rstd = cptr_d<T, E>(a.ln_rstd, d);
   p.gx = a.gx.defined() ? cptr<T, E>(a.gx) + d * GH : nullptr; p.ldgx = s.D * GH;
-  p.gx_w = cptr<T, E>(at_d(a.gx_w)); p.gx_b = cptr<T, E>(at_d(a.gx_b));
-  p.ln_b = cptr<T, E>(at_d(a.ln_b)); p.b_hh = cptr<T, E>(at_d(a.b_hh));
+  p.gx_w = cptr_d<T, E>(a.gx_w, d); p.gx_b = cptr_d<T, E>(a.gx_b, d);
+  p.ln_b = cptr_d<T, E>(a.ln_b, d); p.b_hh = cptr_d<T, E>(a.b_hh, d);
   p.draw = a.draw.defined() ? mptr<T, E>(a.draw) + d * GH : nullptr;
-  p.dlnc = mptr<T, E>(at_d(a.dlnc));
+  p.dlnc = mptr_d<T, E>(a.dlnc, d);
   p.bf16_step = a.bf16_step;
   return p;
 }

@@ -600,36 +600,37 @@ class _CellBase(RNNCellBase):
     _name = ""  # class name used in torch's messages
     _num_states = 1  # 2 for LSTMCell (h, c)
 
-    def _mode(self):
-        return "LSTM" if self._num_states == 2 else "GRU"
+    def _cell(self):
+        return "lstm" if self._num_states == 2 else "gru"
 
     def forward(self, input, hx=None):
+        # A cell is often called once per step in a Python loop, so this path is kept short:
+        # torch's checks in its order and wording, then the one-step layer call.
+        lstm = self._num_states == 2
         if input.dim() not in (1, 2):
             raise ValueError(
                 f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
             )
-        if hx is not None:
-            for idx, h in enumerate(hx if self._num_states == 2 else (hx,)):
+        is_batched = input.dim() == 2
+        if hx is None:
+            batch = input.size(0) if is_batched else 1
+            state = (torch.zeros(batch, self.hidden_size, dtype=input.dtype,
+                                 device=input.device),) * self._num_states
+        else:
+            state = tuple(hx) if lstm else (hx,)
+            for idx, h in enumerate(state):
                 if h.dim() not in (1, 2):
-                    what = f"hx[{idx}]" if self._num_states == 2 else "hidden"
+                    what = f"hx[{idx}]" if lstm else "hidden"
                     raise ValueError(
                         f"{self._name}: Expected {what} to be 1D or 2D, got {h.dim()}D instead"
                     )
-        is_batched = input.dim() == 2
-        if not is_batched:
-            input = input.unsqueeze(0)
-        if hx is None:
-            zeros = torch.zeros(input.size(0), self.hidden_size,
-                                dtype=input.dtype, device=input.device)
-            state = (zeros,) * self._num_states
-        else:
-            state = tuple(hx) if self._num_states == 2 else (hx,)
             if not is_batched:
                 state = tuple(h.unsqueeze(0) for h in state)
-        mode = self._mode()
+        if not is_batched:
+            input = input.unsqueeze(0)
 
         # The checks torch makes in C++ (_VF.*_cell), in its order and wording.
-        if self._num_states == 2 and len(state) != 2:
+        if lstm and len(state) != 2:
             raise RuntimeError("lstm_cell expects two hidden states")
         if input.size(1) != self.input_size:
             raise RuntimeError(
@@ -646,14 +647,16 @@ class _CellBase(RNNCellBase):
                     f"hidden{idx} has inconsistent hidden_size: got {h.size(1)}, "
                     f"expected {self.hidden_size}"
                 )
-        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        params = self._parameters  # one dict read instead of a module __getattr__ each
+        weights = (params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"])
         _check_devices(input, state, weights)
-        _check_state_dtype((input,) + state, self.weight_ih)
+        _check_state_dtype((input,) + state, weights[0])
 
-        _, final = _run_op(mode, input.unsqueeze(0), state, weights + (None,))
-        if not is_batched:
-            final = tuple(f.squeeze(0) for f in final)
-        return final if self._num_states == 2 else final[0]
+        _, h, c = F.layer(self._cell(), input.unsqueeze(0), state[0].unsqueeze(0),
+                          state[1].unsqueeze(0) if lstm else None, [weights + (None,)])
+        if is_batched:
+            return (h[0], c[0]) if lstm else h[0]
+        return (h[0, 0], c[0, 0]) if lstm else h[0, 0]
 
 
 class LSTMCell(_CellBase):
@@ -685,10 +688,10 @@ class RNNCell(_CellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
         self.nonlinearity = nonlinearity
 
-    def _mode(self):
+    def _cell(self):
         # torch accepts any string at construction and fails at the first forward.
         if self.nonlinearity == "tanh":
-            return "RNN_TANH"
+            return "rnn_tanh"
         if self.nonlinearity == "relu":
-            return "RNN_RELU"
+            return "rnn_relu"
         raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
