@@ -161,3 +161,13 @@ def test_bench_gemm_prints_a_row(tmp_path, capsys):
     assert [r["gemm"] for r in rows] == ["input proj", "dx", "weight grad", "recurrent", "square"]
     assert all(r["torch_mm_gflops"] > 0 for r in rows)
     assert rows[2]["a_transposed"] and (rows[2]["M"], rows[2]["N"], rows[2]["K"]) == (32, 8, 6)
+
+
+def test_bench_cells_prints_a_row_per_case(capsys):
+    import bench_cells
+    bench_cells.main(["--cells", "lstm,rnn", "--shapes", "2,8", "--repeats", "2", "--runs", "1"])
+    out = capsys.readouterr().out
+    assert cpu_model() in out.splitlines()[0]
+    for cell in ("LSTMCell", "RNNCell"):
+        for mode in ("inference", "training"):
+            assert re.search(rf"{cell}\s+{mode}\s+2\s+8\s+[\d.]+\s+[\d.]+\s+[\d.]+", out), out

@@ -116,6 +116,18 @@ ROW_DOT_ROWS = 8  # gemm.h's kRowDotRows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K", [150, 600])  # 600: more than one K block of the packed GEMM
+@pytest.mark.parametrize("N", [1, 37, 300])
+def test_few_rows_read_b_in_place_with_the_bits_of_the_packed_product(isa, dtype, K, N):
+    """At most ROW_DOT_ROWS rows times a row-major B (dx = dgates W_ih of one step) read B
+    where it lies instead of packing it, with each value summed as the packed GEMM sums it."""
+    a, b = torch.randn(20, K, dtype=dtype), torch.randn(K, N, dtype=dtype)
+    full = torch.ops.fastrnn.mm(a, b)  # 20 rows: B packed
+    for rows in (slice(0, 1), slice(3, 7), slice(10, 10 + ROW_DOT_ROWS)):
+        assert torch.equal(torch.ops.fastrnn.mm(a[rows], b), full[rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("K", [1, 7, 16, 300])
 def test_row_dots_bits_depend_on_k_alone(isa, dtype, K):
     """x W^T for at most ROW_DOT_ROWS rows reads W unpacked and sums each value in vector

@@ -654,9 +654,11 @@ class _CellBase(RNNCellBase):
 
         _, h, c = F.layer(self._cell(), input.unsqueeze(0), state[0].unsqueeze(0),
                           state[1].unsqueeze(0) if lstm else None, [weights + (None,)])
-        if is_batched:
-            return (h[0], c[0]) if lstm else h[0]
-        return (h[0, 0], c[0, 0]) if lstm else h[0, 0]
+        # Views that drop the direction axis (and the batch axis of unbatched input): their
+        # backward is a view too, where indexing would allocate and fill a zero gradient.
+        out = (h, c) if lstm else (h,)
+        out = tuple(t.squeeze(0) if is_batched else t.view(t.shape[2:]) for t in out)
+        return out if lstm else out[0]
 
 
 class LSTMCell(_CellBase):

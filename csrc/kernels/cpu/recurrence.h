@@ -691,7 +691,9 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
   // start on a pair): W_hh[:, p0:p1] as bf16 pairs along G*H in panels of the tile's width
   // instead, and the rows of dgates rounded once per step into d16 (pairs, ping-pong
   // [2, Bn, K2], K2 = G*H / 2, schedule order) by the threads that wrote them.
-  const bool bf16 = H % 2 == 0 && bf16_products<Cell, Isa, T>(p.bf16_step, B, H, P);
+  // One step of a few rows (as in the forward): W_hh read where it lies, unpacked_rows.
+  const bool direct = Tn == 1 && B <= kRowDotRows;
+  const bool bf16 = !direct && H % 2 == 0 && bf16_products<Cell, Isa, T>(p.bf16_step, B, H, P);
   const int64_t K2 = GH / 2;
   [[maybe_unused]] int32_t* d16 = reinterpret_cast<int32_t*>(drec + Bn * P);
   Buffer<int32_t> w16;
@@ -702,7 +704,7 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
       pack_columns_bf16(p.w_hh, GH, P, p0, ps, rec_width, w16.data);
     }
 #endif
-  } else if (w_rec.N > 0) {
+  } else if (w_rec.N > 0 && !direct) {
     w_rec_mem.resize(w_rec.count() * GH * rec_width);
     pack_panels<V>(p.w_hh + p0, P, 1, GH, ps, rec_width, 0, w_rec.count(), w_rec_mem.data);
     w_rec.data = w_rec_mem.data;
@@ -722,7 +724,10 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
       }
     }
 #endif
-    if (wide)
+    if (direct)
+      unpacked_rows<Gemm::kNV, V, T>(n, ps, GH, a, GH, 1, p.w_hh + p0, P, beta, nullptr, out + p0,
+                                      P);
+    else if (wide)
       Wide::run(w_rec, 0, w_rec.count(), n, a, GH, 1, beta, nullptr, out + p0, P);
     else
       Gemm::run(w_rec, 0, w_rec.count(), n, a, GH, 1, beta, nullptr, out + p0, P);
