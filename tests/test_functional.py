@@ -363,6 +363,25 @@ def test_one_step_matches_reference(cell, proj, H, B):
         check_parity(cell, inp, TOL64, None, reverse, **extras)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cell", CELLS)
+def test_one_step_bits_across_thread_counts(cell, dtype):
+    """A one-step call of a few rows splits the hidden units of its row dots over the
+    threads, never a sum: 1 and 2 threads give the same bits, values and gradients."""
+    inp = make_inputs(cell, 1, 3, 200, 130, dtype=dtype, seed=5)
+    saved = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs = [o for o in call(F, cell, inp) if o is not None]
+            runs.append(outs + list(grads(outs, inp).values()))
+    finally:
+        torch.set_num_threads(saved)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 # ---- behaviour ------------------------------------------------------------------------
 
 def test_inference_saves_nothing():
