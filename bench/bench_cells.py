@@ -10,6 +10,7 @@ and the ratio torch.nn / fastrnn (above 1: fastrnn is faster).
 
     python bench/bench_cells.py
     python bench/bench_cells.py --cells lstm --shapes "1,256;16,512" --repeats 2000
+    python bench/bench_cells.py --cpu-kernels avx2     # what an AVX2-only CPU runs
 """
 import argparse
 import statistics
@@ -49,11 +50,17 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=500, help="calls per timed run")
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--threads", type=int)
+    p.add_argument("--cpu-kernels", help="fastrnn's CPU instruction set: avx512, avx2 or "
+                   "portable (default: the best this CPU runs)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_kernels and not fastrnn.ops._C.set_cpu_kernels(args.cpu_kernels):
+        p.error(f"--cpu-kernels {args.cpu_kernels}: this CPU runs only "
+                f"{', '.join(fastrnn.ops._C.supported_cpu_kernels())}")
     print(f"# {cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
-          f"float32 | microseconds per call, median of {args.runs} x {args.repeats}, interleaved")
+          f"CPU kernels {fastrnn.ops._C.cpu_kernels()} | float32 | microseconds per call, "
+          f"median of {args.runs} x {args.repeats}, interleaved")
     print(f"{'cell':>8} {'mode':>9} {'B':>4} {'H':>5} {'torch.nn':>9} {'fastrnn':>9} {'ratio':>6}")
     for name in args.cells.split(","):
         for shape in args.shapes.split(";"):

@@ -68,9 +68,9 @@ def empty_cache():
     asks for the same sizes: fresh memory of that size would come from the OS as
     zero-filled pages faulted in one by one on every step. The large temporaries of a
     call (the input projection, the gate gradients, the bfloat16 copies of autocast's
-    GEMMs) are kept the same way, per calling thread. This gives those blocks back to the OS (the temporaries
-    of the calling thread), e.g. when training is over. Tensors still alive keep theirs
-    until they die.
+    GEMMs) are kept the same way, per calling thread. This gives those blocks back to the
+    OS (the temporaries of the calling thread), e.g. when training is over. Tensors still
+    alive keep theirs until they die.
     """
     from . import _C
 

@@ -320,67 +320,58 @@ template <int NV, class V, class T>
 void unpacked_rows(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int64_t aks,
                    const T* b, int64_t bk, T beta, const T* bias, T* c, int64_t ldc) {
   constexpr int L = V::kLanes, W = NV * L;
-  for (int64_t n0 = 0; n0 < N; n0 += W) {
-    const int64_t n = std::min<int64_t>(W, N - n0);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      with_rows<4>(std::min<int64_t>(4, M - m0), [&](auto rows) {
-        constexpr int R = decltype(rows)::value;
-        V acc[R][NV];
-        auto lanes = [n](int v) {
-          return static_cast<int>(std::clamp<int64_t>(n - v * V::kLanes, 0, V::kLanes));
-        };
+  // Columns [n0, n0 + W) of C (all of them when full), rows [m0, m0 + R).
+  auto tile = [&](int64_t n0, int64_t m0, auto rows, auto full) {
+    constexpr int R = decltype(rows)::value;
+    constexpr bool kFull = decltype(full)::value;
+    const int64_t n = kFull ? W : N - n0;
+    auto lanes = [n](int v) {
+      return static_cast<int>(std::clamp<int64_t>(n - v * V::kLanes, 0, V::kLanes));
+    };
+    auto load = [&](const T* q, int v) {
+      return kFull || lanes(v) == L ? V::load(q) : lanes(v) > 0 ? V::load(q, lanes(v)) : V(T(0));
+    };
+    V acc[R][NV];
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) {
-            const T* q = c + (m0 + r) * ldc + n0 + v * L;
-            acc[r][v] = beta == T(0) || lanes(v) == 0 ? V(T(0))
-                        : lanes(v) == L             ? V::load(q)
-                                                    : V::load(q, lanes(v));
-          }
-        const T* ar = a + m0 * ars;
-        if (n == W) {
-          for (int64_t k = 0; k < K; ++k) {
-            V bv[NV];
+      for (int v = 0; v < NV; ++v)
+        acc[r][v] = beta == T(0) ? V(T(0)) : load(c + (m0 + r) * ldc + n0 + v * L, v);
+    const T* ar = a + m0 * ars;
+    for (int64_t k = 0; k < K; ++k) {
+      V bv[NV];
 #pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) bv[v] = V::load(b + k * bk + n0 + v * L);
+      for (int v = 0; v < NV; ++v) bv[v] = load(b + k * bk + n0 + v * L, v);
 #pragma GCC unroll 4
-            for (int r = 0; r < R; ++r) {
-              const V av(ar[r * ars + k * aks]);
+      for (int r = 0; r < R; ++r) {
+        const V av(ar[r * ars + k * aks]);
 #pragma GCC unroll 8
-              for (int v = 0; v < NV; ++v) acc[r][v] = av * bv[v] + acc[r][v];
-            }
-          }
-        } else {
-          for (int64_t k = 0; k < K; ++k) {
-            V bv[NV];
-            for (int v = 0; v < NV; ++v)
-              bv[v] = lanes(v) == L ? V::load(b + k * bk + n0 + v * L)
-                      : lanes(v) > 0 ? V::load(b + k * bk + n0 + v * L, lanes(v))
-                                     : V(T(0));
-            for (int r = 0; r < R; ++r) {
-              const V av(ar[r * ars + k * aks]);
-              for (int v = 0; v < NV; ++v) acc[r][v] = av * bv[v] + acc[r][v];
-            }
-          }
-        }
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) {
-            const int m = lanes(v);
-            if (m == 0) continue;
-            V out = acc[r][v];
-            if (bias) out += m == L ? V::load(bias + n0 + v * L) : V::load(bias + n0 + v * L, m);
-            T* q = c + (m0 + r) * ldc + n0 + v * L;
-            if (m == L)
-              out.store(q);
-            else
-              out.store(q, m);
-          }
-      });
+        for (int v = 0; v < NV; ++v) acc[r][v] = av * bv[v] + acc[r][v];
+      }
     }
-  }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const int m = lanes(v);
+        if (m == 0) continue;
+        V out = acc[r][v];
+        if (bias) out += load(bias + n0 + v * L, v);
+        T* q = c + (m0 + r) * ldc + n0 + v * L;
+        if (m == L)
+          out.store(q);
+        else
+          out.store(q, m);
+      }
+  };
+  for (int64_t n0 = 0; n0 < N; n0 += W)
+    for (int64_t m0 = 0; m0 < M; m0 += 4)
+      with_rows<4>(std::min<int64_t>(4, M - m0), [&](auto rows) {
+        if (N - n0 >= W)
+          tile(n0, m0, rows, std::true_type{});
+        else
+          tile(n0, m0, rows, std::false_type{});
+      });
 }
 
 // Rows of A up to which a product of the form x W^T (A and W both read along k) runs as
@@ -400,32 +391,31 @@ void parallel_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int
                    int threads) {
   if (M == 0 || N == 0) return;
   using V = typename G::V;
-  if (aks == 1 && bk == 1 && bn != 1 && M <= kRowDotRows && K > 0) {  // x W^T, few rows
-    constexpr int64_t L = V::kLanes;
-    const int64_t blocks = (N + L - 1) / L;
+  // A product of few rows reads B unpacked; the threads split N in blocks of `width`
+  // columns and each runs f(n0, n1) on its share.
+  auto split_columns = [&](int64_t width, auto&& f) {
+    const int64_t blocks = (N + width - 1) / width;
     const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, blocks)));
 #pragma omp parallel num_threads(nt) if (nt > 1 && M * N * K > (1 << 17))
     {
       const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-      const int64_t n0 = blocks * tid / n * L, n1 = std::min(N, blocks * (tid + 1) / n * L);
-      if (n1 > n0)
-        row_dots<V>(M, n1 - n0, K, a, ars, b + n0 * bn, bn, beta != T(0),
-                    bias ? bias + n0 : nullptr, c + n0, ldc);
+      const int64_t n0 = blocks * tid / n * width;
+      const int64_t n1 = std::min(N, blocks * (tid + 1) / n * width);
+      if (n1 > n0) f(n0, n1);
     }
+  };
+  if (aks == 1 && bk == 1 && bn != 1 && M <= kRowDotRows && K > 0) {  // x W^T, few rows
+    split_columns(V::kLanes, [&](int64_t n0, int64_t n1) {
+      row_dots<V>(M, n1 - n0, K, a, ars, b + n0 * bn, bn, beta != T(0),
+                  bias ? bias + n0 : nullptr, c + n0, ldc);
+    });
     return;
   }
   if (bn == 1 && M <= kRowDotRows) {  // a few rows times a row-major B: B read in place
-    constexpr int64_t W = G::kWidth;
-    const int64_t chunks = (N + W - 1) / W;
-    const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, chunks)));
-#pragma omp parallel num_threads(nt) if (nt > 1 && M * N * K > (1 << 17))
-    {
-      const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-      const int64_t n0 = chunks * tid / n * W, n1 = std::min(N, chunks * (tid + 1) / n * W);
-      if (n1 > n0)
-        unpacked_rows<G::kNV, V>(M, n1 - n0, K, a, ars, aks, b + n0, bk, beta,
-                                 bias ? bias + n0 : nullptr, c + n0, ldc);
-    }
+    split_columns(G::kWidth, [&](int64_t n0, int64_t n1) {
+      unpacked_rows<G::kNV, V>(M, n1 - n0, K, a, ars, aks, b + n0, bk, beta,
+                               bias ? bias + n0 : nullptr, c + n0, ldc);
+    });
     return;
   }
   // The panels of B, kept per calling thread: buffers this large would come back as fresh,

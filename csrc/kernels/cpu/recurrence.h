@@ -125,6 +125,11 @@ bool bf16_products(bool asked, int64_t B, int64_t H, int64_t P) {
 #endif
 }
 
+// Whether a call's recurrent products read W_hh where it lies (row_dots forward,
+// unpacked_rows backward) instead of packing it: one step of a few rows (a cell call, a
+// decoder's step), where packing would cost more than the step. From T and B alone.
+inline bool weights_in_place(int64_t T, int64_t B) { return T == 1 && B <= kRowDotRows; }
+
 // W_hh rows of units [j0, j0 + hs), packed for the fused tile in blocks of NB * L units:
 // block u (units j0 + u*NB*L ...) is a panel [P][NB][G][L] holding W_hh[g*H + j][k] at
 // (k, b, g, l) for unit j = j0 + (u*NB + b)*L + l, zero past hs.
@@ -326,9 +331,8 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
   const bool narrow = B <= MRn;
   const int64_t width = (narrow ? NBn : 1) * L;  // units per panel
   const int64_t blocks = (hs + width - 1) / width;
-  // One step of a few rows (a cell call, a decoder's step): the product reads W_hh where it
-  // lies instead (row_dots into raw), since packing it would cost more than the step.
-  const bool direct = Tn == 1 && B <= kRowDotRows;
+  // weights_in_place: the product reads W_hh as it lies instead (row_dots into raw).
+  const bool direct = weights_in_place(Tn, B);
   // bf16 step (bf16_products): W_hh as bf16 pairs instead, and the h that feeds it rounded
   // once per step into hb (pairs, ping-pong [2, Bn, K2], schedule order, in the team's
   // workspace where LayerNorm cells keep raw) by the thread that wrote it.
@@ -468,7 +472,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
   auto direct_product = [&](const StepIo<T>& io, int64_t n) {
     for (int g = 0; g < G; ++g)
       row_dots<V, T>(n, hs, P, io.hrec, P, p.w_hh + (g * H + j0) * P, P, false, nullptr,
-                  raw + g * H + j0, G * H);
+                     raw + g * H + j0, G * H);
   };
   auto ln_cells = [&](auto cell, const StepIo<T>& io, int64_t t, int64_t n) {
     using C = decltype(cell);
@@ -691,8 +695,8 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
   // start on a pair): W_hh[:, p0:p1] as bf16 pairs along G*H in panels of the tile's width
   // instead, and the rows of dgates rounded once per step into d16 (pairs, ping-pong
   // [2, Bn, K2], K2 = G*H / 2, schedule order) by the threads that wrote them.
-  // One step of a few rows (as in the forward): W_hh read where it lies, unpacked_rows.
-  const bool direct = Tn == 1 && B <= kRowDotRows;
+  // weights_in_place: dgates W_hh reads W_hh as it lies (unpacked_rows).
+  const bool direct = weights_in_place(Tn, B);
   const bool bf16 = !direct && H % 2 == 0 && bf16_products<Cell, Isa, T>(p.bf16_step, B, H, P);
   const int64_t K2 = GH / 2;
   [[maybe_unused]] int32_t* d16 = reinterpret_cast<int32_t*>(drec + Bn * P);
