@@ -148,3 +148,96 @@ def test_saved_weight_modified_in_place_is_an_error():
         m.weight_hh_l0.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def one_step(args):
+    """The one-step form of T=1, D=1 op arguments: x [B, I], h0 [B, P], c0 [B, H] and the
+    weights without their leading axes, each a fresh leaf, as a cell passes them."""
+    def leaf(t):
+        return None if t is None else t.detach()[0].requires_grad_(t.requires_grad)
+
+    assert args[1].shape[0] == 1 and args[5].shape[0] == 1
+    return (args[0],) + tuple(leaf(t) for t in args[1:9]) + args[9:]
+
+
+@pytest.mark.parametrize("cell", CELLS + ["lstm_proj"])
+def test_one_step_form_same_bits_and_shapes(cell):
+    """A cell's call (x 2-D: one step, one direction) gives the stacked call's bits, y, h_n
+    and c_n without their leading axis, and gradients in the inputs' shapes, with no view
+    node between the outputs and the C++ function."""
+    proj = 2 if cell == "lstm_proj" else 0
+    cell = cell.replace("_proj", "")
+    args = op_args(cell, 1, None, proj=proj, T=1)
+    want = ops.autograd_forward(*args)
+    want_grads = torch.autograd.grad(loss_of(want), grad_inputs(args))
+
+    step_args = one_step(args)
+    got = ops.autograd_forward(*step_args)
+    for a, e in zip(got, want):
+        if e.numel():
+            assert a.shape == e.shape[1:] and a.grad_fn.name().endswith("LayerFunction>")
+        torch.testing.assert_close(a, e.view(a.shape), atol=0, rtol=0)
+    got_grads = torch.autograd.grad(loss_of(got), grad_inputs(step_args))
+    for a, e, t in zip(got_grads, want_grads, grad_inputs(step_args)):
+        assert a.shape == t.shape
+        torch.testing.assert_close(a, e.view(t.shape), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cell", ["lstm_proj", "gru", "rnn_tanh"])
+def test_opcheck_one_step_form(cell):
+    proj = 2 if cell == "lstm_proj" else 0
+    args = one_step(op_args(cell.replace("_proj", ""), 1, None, proj=proj, T=1))
+    torch.library.opcheck(ops.autograd_forward, args)
+
+
+def test_one_step_form_needs_bare_weights():
+    args = op_args("lstm", 1, None, T=1)
+    step = one_step(args)
+    with pytest.raises(RuntimeError, match="one-step call .* takes c0 \\[B, H\\]"):
+        ops.autograd_forward(*(step[:4] + args[4:]))  # stacked weights
+    with pytest.raises(RuntimeError, match="one-step call"):
+        ops.autograd_forward(*(step[:3] + args[3:4] + step[4:]))  # c0 with its axis
+    with pytest.raises(RuntimeError, match="x must be 3-D"):  # a layer call's x of 2-D
+        ops.autograd_forward(*(step[:2] + args[2:3] + step[3:]))
+
+
+def test_nothing_recorded_without_a_gradient():
+    """No input needs a gradient, or grad mode is off: the plain call (no node, nothing
+    saved), with the recorded call's values."""
+    args = one_step(op_args("lstm", 1, None, T=1))
+    want = ops.autograd_forward(*args)
+    with torch.no_grad():
+        got = ops.autograd_forward(*args)
+    detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+    for out in (got, ops.autograd_forward(*detached)):
+        for a, e in zip(out, want):
+            assert a.grad_fn is None and not a.requires_grad
+            torch.testing.assert_close(a, e, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cells_take_the_one_step_form(kind):
+    """A cell's outputs come straight from the C++ function, which saves none of them, so
+    they may be changed in place afterwards (torch.nn's RNNCell saves its tanh's output and
+    refuses that): the gradients are torch.nn's for the same values."""
+    torch.manual_seed(0)
+    fast = getattr(fastrnn, kind)(3, 4, dtype=torch.float64)
+    ref = getattr(torch.nn, kind)(3, 4, dtype=torch.float64)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    h = torch.randn(2, 4, dtype=torch.float64)
+    hx = (h, h.cos()) if kind == "LSTMCell" else h
+
+    def run(m, in_place):
+        xl = x.clone().requires_grad_()
+        out = m(xl, hx)
+        out = out if isinstance(out, tuple) else (out,)
+        first = out[0].mul_(2) if in_place else out[0] * 2
+        grads = torch.autograd.grad(loss_of((first,) + out[1:]), [xl] + list(m.parameters()))
+        return first.grad_fn, grads
+
+    node, got = run(fast, in_place=True)
+    assert node.next_functions[0][0].name().endswith("LayerFunction>")
+    _, want = run(ref, in_place=False)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-12, rtol=0)

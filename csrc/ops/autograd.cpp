@@ -5,6 +5,9 @@
 // first-order gradients from fastrnn::backward. When the backward is itself recorded
 // (create_graph=True: double backward), they come from fastrnn::grad_graph instead,
 // which ops.py implements as a differentiable per-step recomputation of the layer.
+// A cell's call (modules.py) takes its one-step form: x [B, I], h0 [B, P], c0 [B, H] and
+// the parameters as they are, y, h_n, c_n and the gradients in those shapes, with no view
+// node on either side.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -22,7 +25,7 @@ using OptTensor = c10::optional<at::Tensor>;
 // x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr. Its other arguments (lengths, the flags,
 // resets, the zoneout weights and the dropout mask) take none.
 constexpr int kGradInputs = 8;
-// Arguments of fastrnn::forward, `cell` included: backward returns one entry per argument.
+// Arguments of LayerFunction::forward: backward returns one entry per argument.
 constexpr int kArguments = 17;
 
 at::Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
@@ -31,44 +34,80 @@ OptTensor optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : c1
 // One direction's weights (w_ih, w_hh, b_ih, b_hh, w_hr) may come bare, without their
 // leading [1] axis: the parameters themselves, which spares autograd a view node for each
 // in every call. `bare` (w_hh is 2-D) gives them that axis for fastrnn::forward/backward,
-// and takes it off their gradients.
-at::Tensor stacked(const at::Tensor& w, bool bare) {
-  return bare && w.defined() ? w.unsqueeze(0) : w;
+// and takes it off their gradients. A one-step call (a cell's: x 2-D) also gives x [B, I],
+// h0 [B, P] and c0 [B, H] their [1] axis (T = 1, D = 1), and takes it off y, h_n, c_n and
+// their gradients. The axis comes and goes as a plain view (an unsqueeze costs 4x more).
+at::Tensor stacked(const at::Tensor& t, bool bare) {
+  if (!bare || !t.defined()) return t;
+  c10::SmallVector<int64_t, 4> shape{1};
+  shape.append(t.sizes().begin(), t.sizes().end());
+  return t.view(shape);
 }
-OptTensor stacked(const OptTensor& w, bool bare) {
-  return bare && w.has_value() ? OptTensor(w->unsqueeze(0)) : w;
+OptTensor stacked(const OptTensor& t, bool bare) {
+  return bare && t.has_value() ? OptTensor(stacked(*t, bare)) : t;
+}
+// The other way: t [1, ...] without its leading axis (an empty placeholder stays as it is).
+at::Tensor unstacked(const at::Tensor& t, bool bare) {
+  return bare && t.defined() && t.dim() > 1 ? t.view(t.sizes().slice(1)) : t;
 }
 
-// fastrnn::forward on these arguments, bare weights given their [1] axis.
-ForwardOut forward_stacked(const std::string& cell, const at::Tensor& x, const at::Tensor& h0,
-                           const OptTensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                           const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
-                           const OptTensor& lengths, bool reverse, bool save,
-                           const OptTensor& resets, const OptTensor& zoneout_h,
+// A call's form: bare weights (w_hh 2-D), and one step (x and h0 2-D, which needs bare
+// weights; x 2-D with h0 3-D is a layer call, which fails on x).
+struct Form {
+  bool bare, step;
+};
+Form form_of(const at::Tensor& x, const at::Tensor& h0, const OptTensor& c0,
+             const at::Tensor& w_hh) {
+  const Form f{w_hh.dim() == 2, x.dim() == 2 && h0.dim() == 2};
+  TORCH_CHECK(!f.step || (f.bare && (!c0.has_value() || c0->dim() == 2)),
+              "fastrnn: a one-step call (x 2-D [B, I], h0 [B, P]) takes c0 [B, H] and one "
+              "direction's weights without their [1] axis; got ",
+              c0.has_value() ? "c0 " : "no c0", c0.has_value() ? c0->sizes() : at::IntArrayRef(),
+              " and w_hh ", w_hh.sizes());
+  return f;
+}
+
+// fastrnn::forward on these arguments in their form f: bare weights and a one step's
+// x, h0, c0 given their [1] axis, and a one step's y, h_n, c_n without it.
+ForwardOut forward_stacked(Form f, const std::string& cell, const at::Tensor& x,
+                           const at::Tensor& h0, const OptTensor& c0, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                           const OptTensor& w_hr, const OptTensor& lengths, bool reverse,
+                           bool save, const OptTensor& resets, const OptTensor& zoneout_h,
                            const OptTensor& zoneout_c, const OptTensor& rec_mask,
                            bool bf16_gemms) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastrnn::forward", "")
                              .typed<decltype(forward_op)>();
-  const bool bare = w_hh.dim() == 2;
-  return op.call(cell, x, h0, c0, stacked(w_ih, bare), stacked(w_hh, bare), stacked(b_ih, bare),
-                 stacked(b_hh, bare), stacked(w_hr, bare), lengths, reverse, save, resets,
-                 zoneout_h, zoneout_c, rec_mask, bf16_gemms);
+  ForwardOut out = op.call(cell, stacked(x, f.step), stacked(h0, f.step), stacked(c0, f.step),
+                           stacked(w_ih, f.bare), stacked(w_hh, f.bare), stacked(b_ih, f.bare),
+                           stacked(b_hh, f.bare), stacked(w_hr, f.bare), lengths, reverse, save,
+                           resets, zoneout_h, zoneout_c, rec_mask, bf16_gemms);
+  auto& [y, h_n, c_n, gates, hprev, cprev, m] = out;
+  y = unstacked(y, f.step);
+  h_n = unstacked(h_n, f.step);
+  c_n = unstacked(c_n, f.step);
+  return out;
 }
 
 struct LayerFunction : public torch::autograd::Function<LayerFunction> {
-  static variable_list forward(AutogradContext* ctx, const std::string& cell, const at::Tensor& x,
-                               const at::Tensor& h0, const OptTensor& c0, const at::Tensor& w_ih,
-                               const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+  // The arguments of fastrnn::forward in its order (without `save`: a recorded call keeps
+  // what its backward needs), then the call's form.
+  static variable_list forward(AutogradContext* ctx, const std::string& cell,
+                               const at::Tensor& x, const at::Tensor& h0, const OptTensor& c0,
+                               const at::Tensor& w_ih, const at::Tensor& w_hh,
+                               const OptTensor& b_ih, const OptTensor& b_hh,
                                const OptTensor& w_hr, const OptTensor& lengths, bool reverse,
-                               bool save, const OptTensor& resets, const OptTensor& zoneout_h,
+                               const OptTensor& resets, const OptTensor& zoneout_h,
                                const OptTensor& zoneout_c, const OptTensor& rec_mask,
-                               bool bf16_gemms) {
+                               bool bf16_gemms, Form f) {
     ForwardOut out;
     {
-      at::AutoDispatchBelowADInplaceOrView guard;  // straight to the device's kernel
-      out = forward_stacked(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                            save, resets, zoneout_h, zoneout_c, rec_mask, bf16_gemms);
+      // Straight to the device's kernel; a one step's outputs are then plain aliases of
+      // the op's, whose [1]-shaped originals nothing else holds.
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = forward_stacked(f, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                            /*save=*/true, resets, zoneout_h, zoneout_c, rec_mask, bf16_gemms);
     }
     auto& [y, h_n, c_n, gates, hprev, cprev, m] = out;
     // The inputs are kept (references, no copies) for the second-order path.
@@ -87,17 +126,19 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["bf16_gemms"] = bf16_gemms;
-    ctx->saved_data["bare"] = w_hh.dim() == 2;
+    ctx->saved_data["bare"] = f.bare;
+    ctx->saved_data["step"] = f.step;
     ctx->set_materialize_grads(false);  // unused outputs cost no zero-filled gradients
     return {y, h_n, c_n};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    const bool bare = ctx->saved_data["bare"].toBool();
-    const at::Tensor &x = s[0], &h0 = s[1], &c0 = s[2], &lengths = s[8], &gates = s[9],
-                     &hprev = s[10], &cprev = s[11], &m = s[12], &resets = s[13],
-                     &zoneout_h = s[14], &zoneout_c = s[15], &rec_mask = s[16];
+    const bool bare = ctx->saved_data["bare"].toBool(), step = ctx->saved_data["step"].toBool();
+    const at::Tensor x = stacked(s[0], step), h0 = stacked(s[1], step), c0 = stacked(s[2], step);
+    const at::Tensor &lengths = s[8], &gates = s[9], &hprev = s[10], &cprev = s[11], &m = s[12],
+                     &resets = s[13], &zoneout_h = s[14], &zoneout_c = s[15],
+                     &rec_mask = s[16];
     const at::Tensor w_ih = stacked(s[3], bare), w_hh = stacked(s[4], bare),
                      b_ih = stacked(s[5], bare), b_hh = stacked(s[6], bare),
                      w_hr = stacked(s[7], bare);
@@ -106,7 +147,8 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     const std::vector<int64_t> edge = ctx->saved_data["edge"].toIntVector();
     std::vector<int64_t> need(kGradInputs);
     for (int k = 0; k < kGradInputs; ++k) need[k] = edge[k] >= 0 && ctx->needs_input_grad(edge[k]);
-    const at::Tensor &dy = grads[0], &dh_n = grads[1], &dc_n = grads[2];
+    const at::Tensor dy = stacked(grads[0], step), dh_n = stacked(grads[1], step),
+                     dc_n = stacked(grads[2], step);
 
     variable_list out(kArguments);  // out[1 + k]: the gradient of gradient input k
     if (at::GradMode::is_enabled()) {
@@ -127,7 +169,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
                      optional(dh_n), optional(dc_n), need);
       for (int k = 0; k < kGradInputs; ++k)
         if (need[k]) out[1 + k] = got[k];
-      return unstacked(out, bare);
+      return unstacked(out, bare, step);
     }
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fastrnn::backward", "")
@@ -144,20 +186,39 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     const at::Tensor all[kGradInputs] = {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
     for (int k = 0; k < kGradInputs; ++k)
       if (need[k]) out[1 + k] = all[k];
-    return unstacked(out, bare);
+    return unstacked(out, bare, step);
   }
 
-  // The weights' gradients (out[4..8]) in the weights' own shapes: bare ones without [1].
-  static variable_list unstacked(variable_list out, bool bare) {
-    if (bare)
-      for (int k = 4; k <= 8; ++k)
-        if (out[k].defined()) out[k] = out[k].squeeze(0);
+  // The gradients in their inputs' own shapes: a one step's x, h0, c0 (out[1..3]) and bare
+  // weights (out[4..8]) without [1].
+  static variable_list unstacked(variable_list out, bool bare, bool step) {
+    for (int k = 1; k <= 8; ++k) out[k] = fastrnn::unstacked(out[k], k <= 3 ? step : bare);
     return out;
   }
 };
 
 using LayerOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// Below autograd (inference mode, torch.no_grad in ops.py, or nothing to record) the call is
+// fastrnn::forward's, with nothing saved: only y, h_n and c_n come back.
+LayerOut plain_forward(const std::string& cell, const at::Tensor& x, const at::Tensor& h0,
+                       const OptTensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                       const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                       const OptTensor& lengths, bool reverse, bool /*save*/,
+                       const OptTensor& resets, const OptTensor& zoneout_h,
+                       const OptTensor& zoneout_c, const OptTensor& rec_mask, bool bf16_gemms) {
+  // Nothing is recorded below autograd; the one-step form's views are then plain aliases
+  // too (the ones on the inputs are only read, those on the outputs alias fresh tensors).
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const ForwardOut out =
+      forward_stacked(form_of(x, h0, c0, w_hh), cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                      lengths, reverse, /*save=*/false, resets, zoneout_h, zoneout_c, rec_mask,
+                      bf16_gemms);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
+}
+
+// Records the C++ function when a gradient can flow to one of the inputs (`save` is not
+// read: a recorded call keeps what its backward needs, a plain one nothing).
 LayerOut autograd_forward(const std::string& cell, const at::Tensor& x, const at::Tensor& h0,
                           const OptTensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                           const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
@@ -165,23 +226,19 @@ LayerOut autograd_forward(const std::string& cell, const at::Tensor& x, const at
                           const OptTensor& resets, const OptTensor& zoneout_h,
                           const OptTensor& zoneout_c, const OptTensor& rec_mask,
                           bool bf16_gemms) {
-  variable_list o = LayerFunction::apply(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                         reverse, save, resets, zoneout_h, zoneout_c, rec_mask,
-                                         bf16_gemms);
+  auto wants = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
+  const bool record = at::GradMode::is_enabled() &&
+                      (x.requires_grad() || h0.requires_grad() || wants(c0) ||
+                       w_ih.requires_grad() || w_hh.requires_grad() || wants(b_ih) ||
+                       wants(b_hh) || wants(w_hr));
+  if (!record)
+    return plain_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save,
+                         resets, zoneout_h, zoneout_c, rec_mask, bf16_gemms);
+  variable_list o =
+      LayerFunction::apply(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                           resets, zoneout_h, zoneout_c, rec_mask, bf16_gemms,
+                           form_of(x, h0, c0, w_hh));
   return {o[0], o[1], o[2]};
-}
-
-// Below autograd (inference mode, torch.no_grad in ops.py) the call is fastrnn::forward's.
-LayerOut plain_forward(const std::string& cell, const at::Tensor& x, const at::Tensor& h0,
-                       const OptTensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                       const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
-                       const OptTensor& lengths, bool reverse, bool save,
-                       const OptTensor& resets, const OptTensor& zoneout_h,
-                       const OptTensor& zoneout_c, const OptTensor& rec_mask, bool bf16_gemms) {
-  const ForwardOut out = forward_stacked(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                         reverse, save, resets, zoneout_h, zoneout_c, rec_mask,
-                                         bf16_gemms);
-  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
 }  // namespace

@@ -42,7 +42,8 @@ TORCH_LIBRARY(fastrnn, m) {
          "Tensor m)").c_str());
   // forward with its derivative in C++ (autograd.cpp), for eager calls that record
   // autograd: y, h_n and c_n (what it saves for the backward stays inside); one direction's
-  // w_ih, w_hh, b_ih, b_hh, w_hr may also come without their leading [1] axis; grad_graph:
+  // w_ih, w_hh, b_ih, b_hh, w_hr may also come without their leading [1] axis, and then one
+  // step's x, h0, c0 without theirs (x [B, I]: T = 1; y, h_n, c_n come back so); grad_graph:
   // forward's first-order gradients as a differentiable graph, for double backward
   // (implemented in ops.py). need [8]: which of x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
   // take a gradient; the others' entries are empty.

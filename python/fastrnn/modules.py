@@ -24,6 +24,7 @@ from torch.nn.modules.rnn import RNNBase, RNNCellBase
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import functional as F
+from . import ops
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM",
            "LayerNormGRU"]
@@ -52,6 +53,11 @@ def _run_op(mode, x, state, weights, lengths=None, reverse=False):
 
 # torch.nn's mode names -> the cells of torch.ops.fastrnn.
 _CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+
+
+# The dtypes fastrnn's kernels compute in on every device (half precision on the CPU is
+# computed in float32, which the layer path arranges).
+_FLOAT = (torch.float32, torch.float64)
 
 
 # c10 ScalarType names, as torch spells them in its dtype mismatch message.
@@ -652,12 +658,22 @@ class _CellBase(RNNCellBase):
         _check_devices(input, state, weights)
         _check_state_dtype((input,) + state, weights[0])
 
-        _, h, c = F.layer(self._cell(), input.unsqueeze(0), state[0].unsqueeze(0),
-                          state[1].unsqueeze(0) if lstm else None, [weights + (None,)])
-        # Views that drop the direction axis (and the batch axis of unbatched input): their
+        c0 = state[1] if lstm else None
+        if input.dtype in _FLOAT and ops.plain_eager():
+            # The op's one-step form takes the tensors as they are: no view node either side.
+            _, h, c = ops.autograd_forward(self._cell(), input, state[0], c0, *weights, None,
+                                           None, False, True)
+            lead = 0
+        else:  # autocast, tracing, half precision: the layer's path, one step
+            _, h, c = F.layer(self._cell(), input.unsqueeze(0), state[0].unsqueeze(0),
+                              None if c0 is None else c0.unsqueeze(0), [weights + (None,)])
+            lead = 1  # the direction axis
+        # Views that drop the leading axes (and the batch axis of unbatched input): their
         # backward is a view too, where indexing would allocate and fill a zero gradient.
+        lead += not is_batched
         out = (h, c) if lstm else (h,)
-        out = tuple(t.squeeze(0) if is_batched else t.view(t.shape[2:]) for t in out)
+        if lead:
+            out = tuple(t.view(t.shape[lead:]) for t in out)
         return out if lstm else out[0]
 
 

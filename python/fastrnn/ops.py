@@ -311,6 +311,8 @@ def _run(name, args, grad, traced, recorded, plain):
     fastrnn::forward, _eager_function for ln_forward); else plain(*args) below autograd,
     straight to the kernel (under torch.no_grad the registered autograd wrapper would still
     run its Python, about 8 us a call)."""
+    if plain_eager():
+        return _run_eager(args, grad, recorded, plain)
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return traced(args)
     if torch._C._is_any_autocast_enabled():
@@ -322,6 +324,13 @@ def _run(name, args, grad, traced, recorded, plain):
             with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS[device]):
                 return finish(_run_eager(args, grad, recorded, plain, kwargs))
     return _run_eager(args, grad, recorded, plain)
+
+
+def plain_eager():
+    """Whether a call runs eagerly, outside autocast and functorch transforms: then
+    fastrnn::autograd_forward takes float32/float64 arguments as they are (see _run)."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or torch._C._is_any_autocast_enabled())
 
 
 def _run_eager(args, grad, recorded, plain, kwargs=None):
