@@ -740,3 +740,21 @@ def test_cell_errors(kind, what, make):
 def test_rnn_cell_unknown_nonlinearity():
     ref, fast = nn.RNNCell(I, H, nonlinearity="gelu"), fastrnn.RNNCell(I, H, nonlinearity="gelu")
     assert_same_error(lambda: ref(torch.randn(B, I)), lambda: fast(torch.randn(B, I)))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell",
+                                  "LayerNormLSTM", "LayerNormGRU"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_forward_mode_ad_is_an_error(kind, frozen):
+    """fastrnn has no forward-mode formula: a dual input is a NotImplementedError, whether or
+    not the parameters need gradients (frozen ones once let the call through with its
+    tangent dropped). The LayerNorm layers' Python autograd.Function says it in torch's
+    words when it records."""
+    import torch.autograd.forward_ad as fwAD
+
+    m = getattr(fastrnn, kind)(3, 4).requires_grad_(not frozen)
+    x = torch.randn(2, 3) if kind.endswith("Cell") else torch.randn(5, 2, 3)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(NotImplementedError, match="forward-mode AD|with forward mode AD"):
+            m(dual)

@@ -79,6 +79,10 @@ ForwardOut forward_stacked(Form f, const std::string& cell, const at::Tensor& x,
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastrnn::forward", "")
                              .typed<decltype(forward_op)>();
+  // Here, while the tensors are the caller's: the views below carry no tangent.
+  check_no_tangents("fastrnn::forward",
+                    {{"x", &x}, {"h0", &h0}, {"c0", opt(c0)}, {"w_ih", &w_ih}, {"w_hh", &w_hh},
+                     {"b_ih", opt(b_ih)}, {"b_hh", opt(b_hh)}, {"w_hr", opt(w_hr)}});
   ForwardOut out = op.call(cell, stacked(x, f.step), stacked(h0, f.step), stacked(c0, f.step),
                            stacked(w_ih, f.bare), stacked(w_hh, f.bare), stacked(b_ih, f.bare),
                            stacked(b_hh, f.bare), stacked(w_hr, f.bare), lengths, reverse, save,

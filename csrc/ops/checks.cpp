@@ -268,4 +268,12 @@ void check_length_values(const at::Tensor& lengths, int64_t T) {
   TORCH_CHECK(mx <= T, "fastrnn: lengths must not exceed the sequence length ", T, ", got ", mx);
 }
 
+void check_no_tangents(const char* op,
+                       std::initializer_list<std::pair<const char*, const at::Tensor*>> args) {
+  for (const auto& [name, t] : args)
+    TORCH_CHECK_NOT_IMPLEMENTED(!t || !t->_fw_grad(/*level=*/0).defined(), "fastrnn: ", op,
+                                " does not support forward-mode AD (", name,
+                                " is a dual tensor); use reverse-mode autograd");
+}
+
 }  // namespace fastrnn

@@ -89,4 +89,10 @@ inline const at::Tensor* opt(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? &*t : nullptr;
 }
 
+// Forward-mode AD has no formula in fastrnn: an argument that carries a tangent (a dual
+// tensor of torch.autograd.forward_ad) is an error (NotImplementedError), never a result
+// whose tangent was dropped. args: (name, tensor or nullptr) pairs of the op `op`.
+void check_no_tangents(const char* op,
+                       std::initializer_list<std::pair<const char*, const at::Tensor*>> args);
+
 }  // namespace fastrnn

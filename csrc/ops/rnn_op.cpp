@@ -167,6 +167,11 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
                       const c10::optional<at::Tensor>& rec_mask, bool bf16_gemms) {
   const Shapes s = check_forward(cell, x_, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   check_extras(s, x_, resets, zoneout_h, zoneout_c, rec_mask);
+  check_no_tangents("fastrnn::forward",
+                    {{"x", &x_}, {"h0", &h0}, {"c0", opt(c0)}, {"w_ih", &w_ih}, {"w_hh", &w_hh},
+                     {"b_ih", opt(b_ih)}, {"b_hh", opt(b_hh)}, {"w_hr", opt(w_hr)},
+                     {"zoneout_h", opt(zoneout_h)}, {"zoneout_c", opt(zoneout_c)},
+                     {"rec_mask", opt(rec_mask)}});
   // The dtype was settled before the op (ops.py's autocast kernel); the GEMMs inside keep it.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool lstm = s.kind == CellKind::LSTM;
@@ -229,6 +234,12 @@ ForwardOut ln_forward_op(const std::string& cell, const at::Tensor& gx_, const a
                          const c10::optional<at::Tensor>& zoneout_c,
                          const c10::optional<at::Tensor>& rec_mask) {
   const Shapes s = check_ln(cell, gx_, w_hh, ln_w, lnc_w, lnc_b);
+  check_no_tangents("fastrnn::ln_forward",
+                    {{"gx", &gx_}, {"h0", &h0}, {"c0", opt(c0)}, {"w_hh", &w_hh},
+                     {"b_hh", opt(b_hh)}, {"ln_w", &ln_w}, {"ln_b", &ln_b}, {"lnc_w", opt(lnc_w)},
+                     {"lnc_b", opt(lnc_b)}, {"gx_w", &gx_w}, {"gx_b", &gx_b},
+                     {"zoneout_h", opt(zoneout_h)}, {"zoneout_c", opt(zoneout_c)},
+                     {"rec_mask", opt(rec_mask)}});
   check_gate_vector(s, gx_, ln_b, "ln_b");
   check_gate_vector(s, gx_, gx_w, "gx_w");
   check_gate_vector(s, gx_, gx_b, "gx_b");
@@ -398,6 +409,7 @@ at::Tensor mm_op(const at::Tensor& a, const at::Tensor& b) {
               b.device());
   TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
               "fastrnn::mm: unsupported dtype ", a.dtype(), " (float32 and float64 only)");
+  check_no_tangents("fastrnn::mm", {{"a", &a}, {"b", &b}});
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   return gemm(a, b);
 }
