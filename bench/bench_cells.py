@@ -22,7 +22,7 @@ import torch
 import fastrnn
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_rnn import cpu_model  # noqa: E402
+from bench_rnn import add_cpu_options, apply_cpu_options, cpu_model  # noqa: E402
 
 CELLS = {"lstm": "LSTMCell", "gru": "GRUCell", "rnn": "RNNCell"}
 
@@ -49,15 +49,9 @@ def main(argv=None):
     p.add_argument("--shapes", default="1,64;1,256;16,256;64,512", help="B,H;B,H;...")
     p.add_argument("--repeats", type=int, default=500, help="calls per timed run")
     p.add_argument("--runs", type=int, default=7)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--cpu-kernels", help="fastrnn's CPU instruction set: avx512, avx2 or "
-                   "portable (default: the best this CPU runs)")
+    add_cpu_options(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.cpu_kernels and not fastrnn.ops._C.set_cpu_kernels(args.cpu_kernels):
-        p.error(f"--cpu-kernels {args.cpu_kernels}: this CPU runs only "
-                f"{', '.join(fastrnn.ops._C.supported_cpu_kernels())}")
+    apply_cpu_options(p, args)
     print(f"# {cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
           f"CPU kernels {fastrnn.ops._C.cpu_kernels()} | float32 | microseconds per call, "
           f"median of {args.runs} x {args.repeats}, interleaved")

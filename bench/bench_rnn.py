@@ -422,6 +422,21 @@ def format_row(row):
     return "  ".join(str(fn(row)).rjust(w) for _, w, fn in COLUMNS)
 
 
+def add_cpu_options(p):
+    """--threads and --cpu-kernels, shared by the bench scripts."""
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--cpu-kernels", help="fastrnn's CPU instruction set: avx512, avx2 or portable "
+                   "(default: the best this CPU supports); measures another CPU's code path here")
+
+
+def apply_cpu_options(p, args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_kernels and not fastrnn.ops._C.set_cpu_kernels(args.cpu_kernels):
+        p.error(f"--cpu-kernels {args.cpu_kernels}: this CPU runs only "
+                f"{', '.join(fastrnn.ops._C.supported_cpu_kernels())}")
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
@@ -533,9 +548,7 @@ def main(argv=None):
                    help="CUDA float32: TF32 tensor cores for both sides (torch.backends.cuda.matmul"
                         ".allow_tf32 for fastrnn's GEMMs, torch.backends.cudnn.allow_tf32 for cuDNN's)"
                         "; off (default) is exact FP32 on both")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
-    p.add_argument("--cpu-kernels", help="fastrnn's CPU instruction set: avx512, avx2 or portable "
-                   "(default: the best this CPU supports); measures another CPU's code path here")
+    add_cpu_options(p)
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per case; the median is reported")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs of each module before timing")
     p.add_argument("--peak-n", type=int, help="size of the square GEMM (torch.mm and oneDNN) for the peak "
@@ -548,11 +561,7 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.cpu_kernels and not fastrnn.ops._C.set_cpu_kernels(args.cpu_kernels):
-        p.error(f"--cpu-kernels {args.cpu_kernels}: this CPU runs only "
-                f"{', '.join(fastrnn.ops._C.supported_cpu_kernels())}")
+    apply_cpu_options(p, args)
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
