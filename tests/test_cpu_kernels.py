@@ -113,17 +113,20 @@ def test_narrow_mm_has_the_bits_of_a_wide_one(isa, N):
 
 
 ROW_DOT_ROWS = 8  # gemm.h's kRowDotRows
+IN_PLACE_ROWS = 32  # gemm.h's kInPlaceRows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("K", [150, 600])  # 600: more than one K block of the packed GEMM
+@pytest.mark.parametrize("K", [150, 600, 1100])  # more than one K block from 600 on
 @pytest.mark.parametrize("N", [1, 37, 300])
 def test_few_rows_read_b_in_place_with_the_bits_of_the_packed_product(isa, dtype, K, N):
-    """At most ROW_DOT_ROWS rows times a row-major B (dx = dgates W_ih of one step) read B
-    where it lies instead of packing it, with each value summed as the packed GEMM sums it."""
-    a, b = torch.randn(20, K, dtype=dtype), torch.randn(K, N, dtype=dtype)
-    full = torch.ops.fastrnn.mm(a, b)  # 20 rows: B packed
-    for rows in (slice(0, 1), slice(3, 7), slice(10, 10 + ROW_DOT_ROWS)):
+    """At most IN_PLACE_ROWS rows times a row-major B (dx = dgates W_ih of a few rows) read
+    B where it lies instead of packing it, with each value summed as the packed GEMM sums
+    it."""
+    a, b = torch.randn(IN_PLACE_ROWS + 8, K, dtype=dtype), torch.randn(K, N, dtype=dtype)
+    full = torch.ops.fastrnn.mm(a, b)  # more rows than IN_PLACE_ROWS: B packed
+    for rows in (slice(0, 1), slice(3, 7), slice(5, 5 + ROW_DOT_ROWS + 3),
+                 slice(8, 8 + IN_PLACE_ROWS)):
         assert torch.equal(torch.ops.fastrnn.mm(a[rows], b), full[rows])
 
 

@@ -259,18 +259,32 @@ def test_lengths_forms():
 @pytest.mark.parametrize("hx_given", (True, False))
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
 def test_cell_parity(kind, bias, batched, hx_given, dtype):
+    check_cell_parity(kind, bias, (B,) if batched else (), hx_given, dtype)
+
+
+@pytest.mark.parametrize("kind", CELLS)
+@pytest.mark.parametrize("rows", (8, 9, 32, 33))
+def test_cell_parity_on_both_sides_of_the_in_place_bounds(kind, rows):
+    """A one-step call reads the weights where they lie for up to 8 rows (forward products,
+    gemm.h's kRowDotRows) and 32 rows (backward products, kInPlaceRows), and packs them for
+    more: each side of each bound matches torch.nn. (H = 70: the products split over
+    threads, with partial vectors at the edges.)"""
+    check_cell_parity(kind, True, (rows,), True, torch.float64, sizes=(40, 70))
+
+
+def check_cell_parity(kind, bias, shape, hx_given, dtype, sizes=(I, H)):
     torch.manual_seed(0)
     ref_cls, fast_cls, extra = CELLS[kind]
-    ref = ref_cls(I, H, bias=bias, **extra, dtype=dtype)
-    fast = fast_cls(I, H, bias=bias, **extra, dtype=dtype)
+    n_in, hidden = sizes
+    ref = ref_cls(n_in, hidden, bias=bias, **extra, dtype=dtype)
+    fast = fast_cls(n_in, hidden, bias=bias, **extra, dtype=dtype)
     fast.load_state_dict(ref.state_dict())
-    shape = (B,) if batched else ()
-    x = torch.randn(*shape, I, dtype=dtype)
+    x = torch.randn(*shape, n_in, dtype=dtype)
     hx = None
     if hx_given:
-        hx = torch.randn(*shape, H, dtype=dtype)
+        hx = torch.randn(*shape, hidden, dtype=dtype)
         if kind == "lstm":
-            hx = (hx, torch.randn(*shape, H, dtype=dtype))
+            hx = (hx, torch.randn(*shape, hidden, dtype=dtype))
 
     def call(module):
         xl = leaf(x)

@@ -320,8 +320,10 @@ template <int NV, class V, class T>
 void unpacked_rows(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int64_t aks,
                    const T* b, int64_t bk, T beta, const T* bias, T* c, int64_t ldc) {
   constexpr int L = V::kLanes, W = NV * L;
-  // Columns [n0, n0 + W) of C (all of them when full), rows [m0, m0 + R).
-  auto tile = [&](int64_t n0, int64_t m0, auto rows, auto full) {
+  // Columns [n0, n0 + W) of C (all of them when full), rows [m0, m0 + R), over k in
+  // [k0, k0 + kc): the chain starts from C after the first K block (or with beta), and the
+  // bias joins after the last.
+  auto tile = [&](int64_t k0, int64_t kc, int64_t n0, int64_t m0, auto rows, auto full) {
     constexpr int R = decltype(rows)::value;
     constexpr bool kFull = decltype(full)::value;
     const int64_t n = kFull ? W : N - n0;
@@ -331,14 +333,21 @@ void unpacked_rows(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int
     auto load = [&](const T* q, int v) {
       return kFull || lanes(v) == L ? V::load(q) : lanes(v) > 0 ? V::load(q, lanes(v)) : V(T(0));
     };
+    const bool from_c = k0 > 0 || beta != T(0), last = k0 + kc >= K;
     V acc[R][NV];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v)
-        acc[r][v] = beta == T(0) ? V(T(0)) : load(c + (m0 + r) * ldc + n0 + v * L, v);
+        acc[r][v] = from_c ? load(c + (m0 + r) * ldc + n0 + v * L, v) : V(T(0));
     const T* ar = a + m0 * ars;
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = k0; k < k0 + kc; ++k) {
+      // Each k reads new lines of B, a row stride apart: ask for them a few k ahead (the
+      // hardware prefetchers do not follow several such strided streams; measured on Zen
+      // 4 at M = 64, N x K = 512 x 2048: 2.3x faster with this).
+      if (k + 8 < K)
+        for (int64_t off = 0; off < n; off += 64 / static_cast<int64_t>(sizeof(T)))
+          __builtin_prefetch(b + (k + 8) * bk + n0 + off);
       V bv[NV];
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) bv[v] = load(b + k * bk + n0 + v * L, v);
@@ -356,7 +365,7 @@ void unpacked_rows(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int
         const int m = lanes(v);
         if (m == 0) continue;
         V out = acc[r][v];
-        if (bias) out += load(bias + n0 + v * L, v);
+        if (bias && last) out += load(bias + n0 + v * L, v);
         T* q = c + (m0 + r) * ldc + n0 + v * L;
         if (m == L)
           out.store(q);
@@ -364,22 +373,36 @@ void unpacked_rows(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int
           out.store(q, m);
       }
   };
-  for (int64_t n0 = 0; n0 < N; n0 += W)
-    for (int64_t m0 = 0; m0 < M; m0 += 4)
-      with_rows<4>(std::min<int64_t>(4, M - m0), [&](auto rows) {
-        if (N - n0 >= W)
-          tile(n0, m0, rows, std::true_type{});
-        else
-          tile(n0, m0, rows, std::false_type{});
-      });
+  // K blocks as in Gemm::run, so that a column block's K block (kKc x W values) stays in L2
+  // while the row tiles pass over it; K == 0 still runs once (C = beta C + bias).
+  constexpr int64_t kKc = 512;
+  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kKc) {
+    const int64_t kc = std::min(kKc, K - k0);
+    for (int64_t n0 = 0; n0 < N; n0 += W)
+      for (int64_t m0 = 0; m0 < M; m0 += 4)
+        with_rows<4>(std::min<int64_t>(4, M - m0), [&](auto rows) {
+          if (N - n0 >= W)
+            tile(k0, kc, n0, m0, rows, std::true_type{});
+          else
+            tile(k0, kc, n0, m0, rows, std::false_type{});
+        });
+  }
 }
 
 // Rows of A up to which a product of the form x W^T (A and W both read along k) runs as
 // row_dots rather than packing W. Measured on Zen 4, N x K = 768 x 256: M = 1, 4, 8, 16, 32
 // took 13, 21, 31, 52, 92 us with row_dots and 41, 28, 36, 52, 82 us packed (AVX-512);
-// M = 1, 4, 8 took 13, 20, 28 us against 48, 31, 40 us (AVX2). unpacked_rows takes the same
-// bound: at M = 8, dgates [8, 768] W [768, 256] took 23 us against 40 us packed (AVX-512).
+// M = 1, 4, 8 took 13, 20, 28 us against 48, 31, 40 us (AVX2).
 constexpr int64_t kRowDotRows = 8;
+
+// Rows of A up to which A B with a row-major B (dx = dgates W_ih, dgates W_hh) reads B in
+// place (unpacked_rows, whose software prefetch keeps its strided rows of B coming) rather
+// than packing it. Measured on Zen 4, N x K = 512 x 2048, M = 8, 32, 64, 128: 87, 316, 640,
+// 1283 us in place against 168, 417, 762, 1441 us packed (AVX-512); 148, 512, 934, 2163 us
+// against 282, 628, 778, 1696 us (AVX2, whose tiles hold 8 accumulators). At 256 x 1024
+// and 256 x 768 in place is faster up to M = 256 on both. So up to 32 rows, where every
+// case measured gains on both instruction sets.
+constexpr int64_t kInPlaceRows = 32;
 
 // A large GEMM on `threads` OpenMP threads: C [M, N] = A op(B) (+ bias) (+ C if beta),
 // A[m, k] at a[m * ars + k * aks], op(B)[k, n] at b[k * bk + n * bn].
@@ -411,7 +434,7 @@ void parallel_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int
     });
     return;
   }
-  if (bn == 1 && M <= kRowDotRows) {  // a few rows times a row-major B: B read in place
+  if (bn == 1 && M <= kInPlaceRows) {  // a few rows times a row-major B: B read in place
     split_columns(G::kWidth, [&](int64_t n0, int64_t n1) {
       unpacked_rows<G::kNV, V>(M, n1 - n0, K, a, ars, aks, b + n0, bk, beta,
                                bias ? bias + n0 : nullptr, c + n0, ldc);

@@ -125,10 +125,13 @@ bool bf16_products(bool asked, int64_t B, int64_t H, int64_t P) {
 #endif
 }
 
-// Whether a call's recurrent products read W_hh where it lies (row_dots forward,
-// unpacked_rows backward) instead of packing it: one step of a few rows (a cell call, a
-// decoder's step), where packing would cost more than the step. From T and B alone.
-inline bool weights_in_place(int64_t T, int64_t B) { return T == 1 && B <= kRowDotRows; }
+// Whether a call's recurrent products read W_hh where it lies (row_dots forward, up to
+// kRowDotRows rows; unpacked_rows backward, up to kInPlaceRows) instead of packing it: one
+// step of a few rows (a cell call, a decoder's step), where packing would cost more than
+// the step. From T and B alone.
+inline bool weights_in_place(int64_t T, int64_t B, int64_t max_rows) {
+  return T == 1 && B <= max_rows;
+}
 
 // W_hh rows of units [j0, j0 + hs), packed for the fused tile in blocks of NB * L units:
 // block u (units j0 + u*NB*L ...) is a panel [P][NB][G][L] holding W_hh[g*H + j][k] at
@@ -332,7 +335,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
   const int64_t width = (narrow ? NBn : 1) * L;  // units per panel
   const int64_t blocks = (hs + width - 1) / width;
   // weights_in_place: the product reads W_hh as it lies instead (row_dots into raw).
-  const bool direct = weights_in_place(Tn, B);
+  const bool direct = weights_in_place(Tn, B, kRowDotRows);
   // bf16 step (bf16_products): W_hh as bf16 pairs instead, and the h that feeds it rounded
   // once per step into hb (pairs, ping-pong [2, Bn, K2], schedule order, in the team's
   // workspace where LayerNorm cells keep raw) by the thread that wrote it.
@@ -696,7 +699,7 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
   // instead, and the rows of dgates rounded once per step into d16 (pairs, ping-pong
   // [2, Bn, K2], K2 = G*H / 2, schedule order) by the threads that wrote them.
   // weights_in_place: dgates W_hh reads W_hh as it lies (unpacked_rows).
-  const bool direct = weights_in_place(Tn, B);
+  const bool direct = weights_in_place(Tn, B, kInPlaceRows);
   const bool bf16 = !direct && H % 2 == 0 && bf16_products<Cell, Isa, T>(p.bf16_step, B, H, P);
   const int64_t K2 = GH / 2;
   [[maybe_unused]] int32_t* d16 = reinterpret_cast<int32_t*>(drec + Bn * P);
