@@ -69,8 +69,8 @@ at::Tensor bf16_operand(const at::Tensor& t, Scratch slot) {
 
 // out [M, N] (float32, contiguous) = c16 [M, N] (bfloat16, contiguous) widened (+ bias
 // [N], float32), in one pass over the rows on torch's threads. The same values as
-// at::add_out(out, c16, bias), which takes 1.7x as long (a mixed-dtype TensorIterator
-// loop; measured at 1600 x 1024 on Zen 4: 504 us against 300 us for a copy and an add).
+// at::add_out(out, c16, bias), a mixed-dtype TensorIterator loop that took 504 us at
+// 1600 x 1024 on Zen 4, where a plain copy of the same bytes takes 155 us.
 void widen_out(at::Tensor& out, const at::Tensor& c16, const at::Tensor& bias) {
   TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.scalar_type() == at::kFloat &&
                         c16.is_contiguous() && out.sizes() == c16.sizes());
