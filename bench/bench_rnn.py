@@ -427,6 +427,9 @@ def add_cpu_options(p):
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--cpu-kernels", help="fastrnn's CPU instruction set: avx512, avx2 or portable "
                    "(default: the best this CPU supports); measures another CPU's code path here")
+    p.add_argument("--cpu-amx", choices=["on", "off"], default="on",
+                   help="off: fastrnn's bf16 recurrent step does not use AMX tiles even where the "
+                   "CPU has them (compares the step without them on the same CPU)")
 
 
 def apply_cpu_options(p, args):
@@ -435,6 +438,7 @@ def apply_cpu_options(p, args):
     if args.cpu_kernels and not fastrnn.ops._C.set_cpu_kernels(args.cpu_kernels):
         p.error(f"--cpu-kernels {args.cpu_kernels}: this CPU runs only "
                 f"{', '.join(fastrnn.ops._C.supported_cpu_kernels())}")
+    fastrnn.ops._C.allow_amx(args.cpu_amx == "on")
 
 
 def cpu_model():
@@ -583,7 +587,7 @@ def main(argv=None):
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         command=" ".join([os.path.basename(sys.executable), sys.argv[0]] + (sys.argv[1:] if argv is None else argv)),
         cpu=cpu_model(), threads=torch.get_num_threads(), device=str(device),
-        cpu_kernels=fastrnn.ops._C.cpu_kernels(),
+        cpu_kernels=fastrnn.ops._C.cpu_kernels(), cpu_amx=fastrnn.ops._C.bf16_step_amx(),
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         dtype=args.dtype, autocast=args.autocast, torch=torch.__version__, python=platform.python_version(),
         fastrnn=fastrnn_version(), fastrnn_path=os.path.dirname(fastrnn.__file__),
@@ -601,7 +605,7 @@ def main(argv=None):
         precision += ", fastrnn's persistent CUDA kernels"
     print(f"# {machine_name(info)} | {info['threads']} threads | {precision} on {device} | "
           f"torch {info['torch']} | fastrnn {info['fastrnn']} ({info['fastrnn_path']}), "
-          f"CPU kernels {info['cpu_kernels']}")
+          f"CPU kernels {info['cpu_kernels']}{' + AMX' if info['cpu_amx'] else ''}")
     print(f"# GEMM {args.peak_n}^3 GFLOP/s: torch.mm {gemm['mm']:.1f}, oneDNN matmul {onednn_text} | "
           f"peak = {gemm['source']} {peak:.1f} GFLOP/s (the %peak denominator)")
     print(f"# measured FMA peak: {fma_line}")

@@ -107,6 +107,7 @@ def test_cpu_capabilities():
         "bfloat16 GEMMs" if BF16_DOT else "float32")
     # Every batch size takes the bf16 step only where the narrow tiles' one can run.
     assert caps["bfloat16_recurrent_step"] or not caps["bfloat16_recurrent_step_all_batches"]
+    assert "amx_bf16" in caps["features"] or not caps["bfloat16_recurrent_step_amx"]
 
 
 def test_autocast_bf16_gemms_follow_the_cpu_features():
@@ -191,13 +192,32 @@ def step_inputs(case, T):
 
 def takes_bf16_step(cell, B, H, P):
     """Whether the forward's recurrent product takes bfloat16 operands (recurrence.h's
-    bf16_products): bf16 autocast on a CPU with AVX512_BF16, a float32 W_hh of 512 KiB or
-    more, and a batch within the narrow tiles or a CPU where bf16 products outpace FMAs."""
+    bf16_products), under bf16 autocast: a batch within the narrow tiles on a CPU with
+    AVX512_BF16 for a float32 W_hh of 512 KiB or more; a larger batch on AMX tiles where
+    they are allowed, for a W_hh of 64 KiB or more, or else as the narrow tiles where bf16
+    products outpace FMAs."""
     G = {"lstm": 4, "gru": 3, "rnn_tanh": 1}[cell]
     narrow = B <= {"lstm": 3, "gru": 2, "rnn_tanh": 3}[cell]  # Isa::narrow_rows on AVX-512
     caps = fastrnn.cpu_capabilities()
-    return bool((narrow or caps["bfloat16_recurrent_step_all_batches"]) and
-                G * H * P * 4 >= 512 << 10 and caps["bfloat16_recurrent_step"])
+    large = G * H * P * 4 >= 512 << 10
+    if not narrow and caps["bfloat16_recurrent_step_amx"] and G * H * P * 4 >= 64 << 10:
+        return True
+    return bool((narrow or caps["bfloat16_recurrent_step_all_batches"]) and large and
+                caps["bfloat16_recurrent_step"])
+
+
+AMX = fastrnn.cpu_capabilities()["bfloat16_recurrent_step_amx"]
+
+
+@pytest.fixture(params=["amx", "no-amx"] if AMX else ["no-amx"])
+def amx(request):
+    """Runs a test with the bf16 step's AMX tiles allowed (on a CPU and OS that have them)
+    and without them (the bf16 step past the narrow tiles then follows the other rules)."""
+    from fastrnn import _C
+
+    before = _C.allow_amx(request.param == "amx")
+    yield request.param == "amx"
+    _C.allow_amx(before)
 
 
 @pytest.mark.parametrize("case", [
@@ -205,14 +225,18 @@ def takes_bf16_step(cell, B, H, P):
     ("gru", 1, 211, 0, True), ("gru", 1, 37, 0, True), ("rnn_tanh", 3, 400, 0, True),
     ("lstm", 8, 64, 0, False), ("rnn_tanh", 16, 300, 0, False), ("rnn_tanh", 1, 300, 0, False),
     ("lstm", 8, 256, 0, False), ("gru", 13, 211, 0, True), ("lstm", 5, 256, 129, True),
+    ("gru", 37, 80, 0, False), ("lstm", 33, 100, 50, True), ("rnn_tanh", 17, 130, 0, False),
+    ("rnn_tanh", 17, 16, 0, False),
 ], ids=lambda c: "%s-B%d-H%d-proj%d%s" % (c[0], c[1], c[2], c[3], "-recdrop" if c[4] else ""))
-def test_bf16_recurrent_step(case):
+def test_bf16_recurrent_step(case, amx):
     """With bf16 GEMMs (CPU bf16 autocast), a batch small enough for the narrow tiles (any
     batch where bf16 products outpace float32 FMAs) and a W_hh of 512 KiB or more in
-    float32, a CPU with AVX512_BF16 also runs the recurrent product from bfloat16 W_hh and h:
+    float32, a CPU with AVX512_BF16 also runs the recurrent product from bfloat16 W_hh and h,
+    and so does a larger batch on AMX tiles for a W_hh of 64 KiB or more (blocks of 16
+    rows, K padded to 32):
     the result is the bfloat16-rounding reference, within float32 rounding. Elsewhere
-    (larger batches, smaller W_hh, other CPUs and instruction sets) the recurrent product
-    stays float32."""
+    (larger batches without AMX, smaller W_hh, other CPUs and instruction sets) the
+    recurrent product stays float32."""
     from fastrnn import ops
 
     cell, B, H, proj, _ = case
@@ -229,9 +253,11 @@ def test_bf16_recurrent_step(case):
         pytest.skip("no bf16 GEMMs on this CPU: the float32 layer runs (test_half_*)")
     want = rounded_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, mask, step)
     other = rounded_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, mask, not step)
-    err = (y.double() - want).abs().max().item()
-    assert err < 2e-5, err
-    assert (y.double() - other).abs().max().item() > 20 * err  # the other path is told apart
+    # Norm-wise: float32 sums differ from float64 ones, so now and then an h rounds to the
+    # other neighbouring bfloat16 and the difference runs on through the later steps (seen:
+    # RNN, B=17, H=130, 1.3e-4, where the other path is 2.5e-3 away); otherwise 1e-7-1e-5.
+    err, apart = (((y.double() - r).norm() / r.norm()).item() for r in (want, other))
+    assert err < 2e-4 and err < apart / 5, (err, apart)  # the other path is told apart
 
 
 class _RecurrentProduct(torch.autograd.Function):
@@ -265,9 +291,10 @@ def rounded_state_gradients(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, mask,
 @pytest.mark.parametrize("case", [
     ("lstm", 1, 300, 0, False), ("lstm", 16, 256, 0, False), ("gru", 1, 211, 0, False),
     ("gru", 8, 256, 0, True), ("rnn_tanh", 2, 512, 0, False), ("rnn_tanh", 16, 400, 0, True),
-    ("lstm", 5, 256, 129, True), ("lstm", 2, 300, 171, False),
+    ("lstm", 5, 256, 129, True), ("lstm", 2, 300, 171, False), ("gru", 37, 80, 0, True),
+    ("lstm", 20, 70, 60, False),
 ], ids=lambda c: "%s-B%d-H%d-proj%d%s" % (c[0], c[1], c[2], c[3], "-recdrop" if c[4] else ""))
-def test_bf16_recurrent_backward(case):
+def test_bf16_recurrent_backward(case, amx):
     """Where the forward's recurrent product takes bfloat16 operands (bfloat16_recurrent_step)
     and H is even, the backward's dgates W_hh does too (dgates and W_hh rounded to bfloat16,
     float32 sums): dx, dh0 and dc0 are those of the rounding reference, told apart from those of

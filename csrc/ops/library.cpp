@@ -140,6 +140,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("bf16_step_wide", [] { return fastrnn::cpu::kernels().bf16_step_wide(); },
         "Whether the CPU kernels in use run the bfloat16 recurrent step for every batch "
         "size (bf16 products outpace float32 FMAs here), not only for the narrow tiles");
+  m.def("bf16_step_amx", [] { return fastrnn::cpu::kernels().bf16_step_amx(); },
+        "Whether the CPU kernels in use run the bfloat16 recurrent products of batches past "
+        "the narrow tiles on AMX tiles (AMX-BF16, granted by the OS, and allowed)");
+  m.def("allow_amx", &fastrnn::cpu::allow_amx, pybind11::arg("on"),
+        "Let the bfloat16 recurrent products use AMX tiles where the CPU has them (default) "
+        "or not; returns the previous setting (testing and benchmarking)");
   m.def("release_saved_memory", &fastrnn::release_saved_memory,
         "Free the cached blocks of the tensors CPU training forwards save for backward");
   m.def("saved_memory_cached", &fastrnn::saved_memory_cached,

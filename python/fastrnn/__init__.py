@@ -44,7 +44,12 @@ def cpu_capabilities():
     - ``bfloat16_recurrent_step_all_batches``: whether larger batches take that bfloat16
       step too, because this CPU's bf16 dot products do at least 1.5 times the multiply-adds
       per second of its float32 FMAs (measured once per process, at the first such step;
-      AMD Zen 4: about twice, an LSTM step at B=16..64 1.3-1.5x faster).
+      AMD Zen 4: about twice, an LSTM step at B=16..64 1.3-1.5x faster);
+    - ``bfloat16_recurrent_step_amx``: whether batches past the narrow tiles take the
+      bfloat16 step on AMX tiles, forward and backward, whatever the size of W_hh (the CPU
+      has AMX-BF16 and the OS grants the process its tile state; Intel Xeon 4th generation
+      and later): a tile instruction does 16 times the multiply-adds of a bf16 dot product
+      vector instruction, so such a step is no longer bound by multiply-adds.
     """
     from . import _C, ops
 
@@ -54,7 +59,8 @@ def cpu_capabilities():
             "bfloat16": "bfloat16 GEMMs" if ops._BF16_DOT else "float32", "float16": "float32",
             "autocast_bfloat16": "bfloat16 GEMMs" if ops._BF16_DOT else "float32",
             "bfloat16_recurrent_step": step,
-            "bfloat16_recurrent_step_all_batches": step and _C.bf16_step_wide()}
+            "bfloat16_recurrent_step_all_batches": step and _C.bf16_step_wide(),
+            "bfloat16_recurrent_step_amx": bool(ops._BF16_DOT and _C.bf16_step_amx())}
 
 
 def empty_cache():

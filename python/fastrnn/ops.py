@@ -372,11 +372,12 @@ def run_ln_forward(*args):
 
 # Autocast. The CPU kernels compute in float32 or float64 only, so under CPU autocast
 # the op runs in float32 (float32/bfloat16/float16 inputs are cast up) and y, h_n and c_n
-# come back in the autocast dtype, as torch.nn.LSTM's do there; the recurrence itself is
-# never rounded to bfloat16. Under bfloat16 autocast on a CPU with bf16 dot products
+# come back in the autocast dtype, as torch.nn.LSTM's do there; the state and the gate
+# math stay float32. Under bfloat16 autocast on a CPU with bf16 dot products
 # (AVX512_BF16 or AMX-BF16, from its feature flags), fastrnn::forward's large GEMMs
 # (input projection, dx, weight gradients) take bfloat16 operands, as torch's autocast
-# matmuls do (bf16_gemms). Under CUDA autocast the inputs are cast to the autocast dtype
+# matmuls do (bf16_gemms), and so may its recurrent products (the kernels' bf16 step:
+# recurrence.h's bf16_products). Under CUDA autocast the inputs are cast to the autocast dtype
 # and the kernels run in it, as cuDNN's RNNs do. float64 tensors are left as they are on
 # both, as autocast does for torch's own ops. Saved-for-backward outputs stay in the
 # compute dtype; gradients reach the parameters in their own dtype through the casts.

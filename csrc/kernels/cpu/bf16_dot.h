@@ -69,15 +69,19 @@ FASTRNN_INLINE void to_bf16_pairs(const float* src, int64_t k0, int64_t k1, int6
 }
 
 // Columns [c0, c0 + nc) of w [K, ld] (value (k, c) at w[k * ld + c]) as pairs along k, in
-// panels of W columns: panel u is [K2][W] (K2 = ceil(K / 2)) holding the pair (w[2i][c],
-// w[2i + 1][c]) at (i, c - c0 - u * W); zero past nc and past K.
+// panels of W columns: panel u is [K2][W] (K2 = bf16_pairs(K)) holding the pair
+// (w[2i][c], w[2i + 1][c]) at (i, c - c0 - u * W); zero past nc and past K.
 // out: [ceil(nc / W)][K2][W].
 inline void pack_columns_bf16(const float* w, int64_t K, int64_t ld, int64_t c0, int64_t nc,
                               int64_t W, int32_t* out) {
-  const int64_t K2 = (K + 1) / 2;
+  const int64_t K2 = bf16_pairs(K);
   for (int64_t u = 0; u * W < nc; ++u)
     for (int64_t i = 0; i < K2; ++i) {
       int32_t* o = out + (u * K2 + i) * W;
+      if (2 * i >= K) {  // padding
+        std::fill(o, o + W, 0);
+        continue;
+      }
       const float* r0 = w + 2 * i * ld + c0 + u * W;
       for (int64_t c = 0; c < W; ++c) {
         const bool in = u * W + c < nc;
@@ -89,14 +93,14 @@ inline void pack_columns_bf16(const float* w, int64_t K, int64_t ld, int64_t c0,
 }
 
 // W_hh rows of units [j0, j0 + hs) as pairs, laid out as pack_gates lays out float32 with
-// pairs for values: block u is a panel [K2][NB][G][L] of pairs (K2 = ceil(P / 2)), unit
+// pairs for values: block u is a panel [K2][NB][G][L] of pairs (K2 = bf16_pairs(P)), unit
 // j = j0 + (u*NB + b)*L + l, zero past hs. VI: the int32_t vector of L lanes.
 // w_hh: [G*H, P]; out: [ceil(hs / (NB*L))][K2][NB][G][L].
 template <int G, int NB, class VI>
 void pack_gates_bf16(const float* w_hh, int64_t H, int64_t P, int64_t j0, int64_t hs,
                      int32_t* out) {
   constexpr int L = VI::kLanes, W = NB * G * L;
-  const int64_t K2 = (P + 1) / 2;
+  const int64_t K2 = bf16_pairs(P);
   std::unique_ptr<int32_t[]> rows(new int32_t[L * K2]);  // L rows of pairs
   for (int64_t u = 0; u * NB * L < hs; ++u)
     for (int b = 0; b < NB; ++b)

@@ -48,6 +48,7 @@ const Kernels* best() {
 }
 
 std::atomic<const Kernels*> current{nullptr};
+std::atomic<bool> amx_on{true};
 
 }  // namespace
 
@@ -94,6 +95,9 @@ bool set_kernels(const std::string& name) {
     }
   return false;
 }
+
+bool amx_allowed() { return amx_on.load(std::memory_order_relaxed); }
+bool allow_amx(bool on) { return amx_on.exchange(on, std::memory_order_relaxed); }
 
 }  // namespace cpu
 }  // namespace fastrnn

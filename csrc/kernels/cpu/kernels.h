@@ -34,6 +34,10 @@ struct GemmArgs {
 // every thread its own share of the rows): the running state in schedule order.
 // LayerNorm cells add the row statistics' parts: two [B, blocks of 16 units, 2].
 inline int64_t layer_norm_parts(int64_t B, int64_t H) { return 4 * B * ((H + 15) / 16); }
+// The bf16 recurrent products hold a row of K values as ceil(K / 2) pairs, padded with
+// zeros to a multiple of 16 (the K chunk of an AMX tile, amx.h), and their buffers of
+// rows are readable 16 rows past the last (an AMX tile reads 16 rows at a time).
+inline int64_t bf16_pairs(int64_t K) { return ((K + 1) / 2 + 15) / 16 * 16; }
 template <class T>
 inline int64_t forward_workspace(const ForwardParams<T>& p, int gates) {
   // h, c ping-pong; m; zero bias; h * rec_mask ping-pong; LayerNorm or one step: h W_hh^T;
@@ -41,7 +45,7 @@ inline int64_t forward_workspace(const ForwardParams<T>& p, int gates) {
   return 2 * p.B * p.P + 3 * p.B * p.H + gates * p.H + 2 * p.B * p.P +
          (p.layer_norm() || p.T == 1 ? p.B * gates * p.H : 0) +
          (p.layer_norm() ? layer_norm_parts(p.B, p.H) : 0) +
-         (p.bf16_step ? 2 * p.B * ((p.P + 1) / 2) : 0);
+         (p.bf16_step ? (2 * p.B + 16) * bf16_pairs(p.P) : 0);
 }
 template <class T>
 inline int64_t backward_workspace(const BackwardParams<T>& p, int gates) {
@@ -49,7 +53,7 @@ inline int64_t backward_workspace(const BackwardParams<T>& p, int gates) {
   // LayerNorm: parts; bf16 step: bf16 pairs of dgates, ping-pong (32-bit values)
   return p.B * p.P + 2 * p.B * p.H + 2 * p.B * gates * p.H + p.B * (p.P + p.H) + p.B * p.P +
          (p.layer_norm() ? layer_norm_parts(p.B, p.H) : 0) +
-         (p.bf16_step ? 2 * p.B * ((gates * p.H + 1) / 2) : 0);
+         (p.bf16_step ? (2 * p.B + 16) * bf16_pairs(gates * p.H) : 0);
 }
 
 struct Kernels {
@@ -80,6 +84,9 @@ struct Kernels {
   // Whether the bf16 recurrent step (ForwardParams::bf16_step) also runs past the narrow
   // tiles: vdpbf16ps outpaces float32 FMAs on this CPU (bf16_dot.h). False without it.
   bool (*bf16_step_wide)();
+  // Whether the bf16 recurrent step runs its products past the narrow tiles on AMX tiles
+  // (amx.h): the CPU has AMX-BF16, the OS grants the tile state and allow_amx is on.
+  bool (*bf16_step_amx)();
 };
 
 // The table in use: the best this CPU supports, unless set_kernels chose another.
@@ -92,6 +99,11 @@ std::vector<std::string> supported_kernels();
 std::vector<std::string> cpu_features();
 // Use the named table from now on (testing and benchmarking); false if unsupported.
 bool set_kernels(const std::string& name);
+// Whether the bf16 recurrent products may use AMX tiles where the CPU and OS have them
+// (default true); allow_amx sets it (testing and benchmarking: the other bf16 step on the
+// same CPU) and returns what it was.
+bool amx_allowed();
+bool allow_amx(bool on);
 
 }  // namespace cpu
 }  // namespace fastrnn

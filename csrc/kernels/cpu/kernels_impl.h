@@ -46,6 +46,14 @@ bool run_bf16_step_wide() {
 #endif
 }
 
+bool run_bf16_step_amx() {
+#ifdef FASTRNN_CPU_BF16
+  return amx_usable();
+#else
+  return false;
+#endif
+}
+
 #define FASTRNN_STR2(x) #x
 #define FASTRNN_STR(x) FASTRNN_STR2(x)
 const Kernels& table() {
@@ -55,7 +63,7 @@ const Kernels& table() {
                          &run_gemm<float>,     &run_gemm<double>,
                          &run_column_sum<float>, &run_column_sum<double>,
                          &run_fma_peak<float>, &run_fma_peak<double>,
-                         &run_bf16_step_wide};
+                         &run_bf16_step_wide,  &run_bf16_step_amx};
   return k;
 }
 #undef FASTRNN_STR

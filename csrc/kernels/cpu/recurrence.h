@@ -27,6 +27,7 @@
 #include "gemm.h"
 #include "kernels.h"
 #ifdef FASTRNN_CPU_BF16
+#include "amx.h"
 #include "bf16_dot.h"
 #endif
 #include "layer_norm.h"
@@ -107,18 +108,39 @@ inline Range split(int64_t n, int parts, int k) {
 
 inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
+// Whether the bf16 products of a batch of B rows run on AMX tiles (amx.h): past the narrow
+// tiles, where a step is bound by multiply-adds, for a float32 W_hh of 64 KiB or more
+// (below, the step is bound by the gate math: measured with LSTM and RNN at B=16, a W_hh
+// of 16-64 KiB gained 0-10%, 256 KiB 23%), where the CPU and OS have the tiles.
+template <class Cell, class Isa>
+bool amx_products(int64_t B, int64_t H, int64_t P) {
+#ifdef FASTRNN_CPU_BF16
+  return B > Isa::narrow_rows(Cell::kGates) && Cell::kGates * H * P * 4 >= (64 << 10) &&
+         amx_usable();
+#else
+  (void)B, (void)H, (void)P;
+  return false;
+#endif
+}
+
 // Whether a layer's recurrent products (forward h W_hh^T, backward dgates W_hh) take bf16
-// operands: asked for (bf16_step), on a CPU with AVX512_BF16, for a float32 W_hh of 512 KiB
-// or more, and past the narrow tiles (B > narrow_rows) only where bf16 products outpace
-// float32 FMAs (bf16_dot.h). A smaller W_hh streams from the caches fast enough that the
-// rounding costs more than it saves (measured: RNN at H=256, 256 KiB, 10% slower). Every
-// rule holds for any thread count.
+// operands, when asked for (bf16_step; float32 cells without LayerNorm):
+// - a batch within the narrow tiles (B <= narrow_rows), whose step streams W_hh: on a CPU
+//   with AVX512_BF16, for a float32 W_hh of 512 KiB or more (a smaller one streams from
+//   the caches fast enough that the rounding costs more than it saves; measured: RNN at
+//   H=256, 256 KiB, 10% slower);
+// - a larger batch, whose step is bound by multiply-adds: on AMX tiles (amx_products),
+//   else with AVX512_BF16 for a W_hh of 512 KiB or more where bf16 products outpace
+//   float32 FMAs (bf16_step_wide).
+// Every rule holds for any thread count.
 template <class Cell, class Isa, class T>
 bool bf16_products(bool asked, int64_t B, int64_t H, int64_t P) {
 #ifdef FASTRNN_CPU_BF16
   constexpr int G = Cell::kGates;
-  return std::is_same_v<T, float> && !Cell::kLayerNorm && asked && G * H * P * 4 >= (512 << 10) &&
-         has_bf16_dot() && (B <= Isa::narrow_rows(G) || bf16_step_wide());
+  if (!std::is_same_v<T, float> || Cell::kLayerNorm || !asked) return false;
+  const bool large = G * H * P * 4 >= (512 << 10);
+  if (B <= Isa::narrow_rows(G)) return large && has_bf16_dot();
+  return amx_products<Cell, Isa>(B, H, P) || (large && has_bf16_dot() && bf16_step_wide());
 #else
   (void)asked, (void)B, (void)H, (void)P;
   return false;
@@ -338,9 +360,11 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
   const bool direct = weights_in_place(Tn, B, kRowDotRows);
   // bf16 step (bf16_products): W_hh as bf16 pairs instead, and the h that feeds it rounded
   // once per step into hb (pairs, ping-pong [2, Bn, K2], schedule order, in the team's
-  // workspace where LayerNorm cells keep raw) by the thread that wrote it.
+  // workspace where LayerNorm cells keep raw) by the thread that wrote it; past the narrow
+  // tiles on AMX where there is one (amx).
   const bool bf16 = !direct && bf16_products<Cell, Isa, T>(p.bf16_step, B, H, P);
-  const int64_t K2 = (P + 1) / 2;
+  [[maybe_unused]] const bool amx = bf16 && amx_products<Cell, Isa>(B, H, P);
+  const int64_t K2 = bf16_pairs(P);
   Buffer<T> w_rec;
   Buffer<int32_t> w16;
   [[maybe_unused]] int32_t* hb = reinterpret_cast<int32_t*>(hdrop + 2 * Bn * P);  // [2, Bn, K2]
@@ -353,6 +377,8 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
         pack_gates_bf16<G, NBn, VI>(p.w_hh, H, P, j0, hs, w16.data);
       else
         pack_gates_bf16<G, 1, VI>(p.w_hh, H, P, j0, hs, w16.data);
+      static_assert(L == 16, "AMX: a panel of 16 units is one C tile per gate");
+      if (amx) amx_begin();
     }
 #endif
   } else if (!direct) {
@@ -363,12 +389,12 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
       pack_gates<G, 1, V>(p.w_hh, H, P, j0, hs, w_rec.data);
   }
   // This thread's columns of the h that feeds the next step's W_hh, as bf16 pairs, into
-  // slot k of hb.
+  // slot k of hb; the thread with the last columns also writes the zero padding.
   auto round_h = [&](const T* h, int64_t k) {
 #ifdef FASTRNN_CPU_BF16
     if constexpr (std::is_same_v<T, float>)
       for (int64_t i = 0; i < Bn; ++i)
-        to_bf16_pairs(h + i * P, p0, p1, P, hb + (k * Bn + i) * K2);
+        to_bf16_pairs(h + i * P, p0, p0 < p1 && p1 == P ? 2 * K2 : p1, P, hb + (k * Bn + i) * K2);
 #endif
     (void)h, (void)k;
   };
@@ -554,13 +580,17 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
                        s + 1 < Tn ? time_of(s + 1, Tn, p.reverse) * B : -1, order,
                        p.b_hh ? p.b_hh : zeros, saving, proj};
 
-    // The other threads wrote most of h: when it fits in L1 (small batches, where a step
-    // is short), ask for all its lines at once, so the transfers between cores overlap
-    // instead of stalling the first tile one line at a time.
-    if (team.size > 1 && n * P * static_cast<int64_t>(sizeof(T)) <= 16384)
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t q = 0; q < P; q += 64 / static_cast<int64_t>(sizeof(T)))
-          __builtin_prefetch(io.hrec + i * P + q);
+    // The other threads wrote most of the h the product reads (hrec, or its pairs in hb):
+    // when it fits in L1 (small batches, where a step is short), ask for all its lines at
+    // once, so the transfers between cores overlap instead of stalling the first tile one
+    // line at a time.
+    {
+      const char* rows = bf16 ? reinterpret_cast<const char*>(hb + (s % 2) * Bn * K2)
+                              : reinterpret_cast<const char*>(io.hrec);
+      const int64_t bytes = n * (bf16 ? K2 * 4 : P * static_cast<int64_t>(sizeof(T)));
+      if (team.size > 1 && bytes <= 16384)
+        for (int64_t q = 0; q < bytes; q += 64) __builtin_prefetch(rows + q);
+    }
 
     if constexpr (Cell::kLayerNorm) {
       ln_cells(Cell{}, io, t, n);
@@ -570,7 +600,27 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
       bool done = false;
 #ifdef FASTRNN_CPU_BF16
       if constexpr (std::is_same_v<T, float>) {
-        if (bf16) {
+        if (amx) {  // per block of 16 units (one panel) and 16 rows: sums, then the gate math
+          alignas(64) float sums[16 * G * 16];  // [16 rows][G gates][16 units]
+          const int32_t* h16 = hb + (s % 2) * Bn * K2;
+          for (int64_t u = 0; u < blocks; ++u) {
+            const int64_t u0 = j0 + u * width, nu = std::min(width, j1 - u0);
+            for (int64_t i0 = 0; i0 < n; i0 += 16) {
+              amx_panel<G>(K2, h16 + i0 * K2, K2, w16.data + u * K2 * G * width, G * width, sums);
+              const int64_t rows = std::min<int64_t>(16, n - i0);
+              for (int64_t r0 = 0; r0 < rows; r0 += 4)
+                with_rows<4>(std::min<int64_t>(4, rows - r0), [&](auto r) {
+                  constexpr int R = decltype(r)::value;
+                  fused_tile<Cell, R, 1, V>(p, io, i0 + r0, u0, nu, [&](V (&acc)[R][G]) {
+                    for (int k = 0; k < R; ++k)
+                      for (int g = 0; g < G; ++g)
+                        acc[k][g] = V::load(sums + ((r0 + k) * G + g) * 16);
+                  });
+                });
+            }
+          }
+          done = true;
+        } else if (bf16) {
           for_tiles(n, [&](auto rows, auto nb, int64_t i0, int64_t u, int64_t u0, int64_t nu) {
             constexpr int R = decltype(rows)::value, NV = decltype(nb)::value * G;
             fused_tile<Cell, R, decltype(nb)::value, V>(p, io, i0, u0, nu, [&](V (&acc)[R][NV]) {
@@ -648,6 +698,9 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
     }
   }
 
+#ifdef FASTRNN_CPU_BF16
+  if (amx) amx_end();
+#endif
   // Final state back to the caller's row order.
   const T* hlast = hbuf + (Tn % 2) * Bn * P;
   const T* clast = cbuf + (Tn % 2) * Bn * H;
@@ -701,7 +754,8 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
   // weights_in_place: dgates W_hh reads W_hh as it lies (unpacked_rows).
   const bool direct = weights_in_place(Tn, B, kInPlaceRows);
   const bool bf16 = !direct && H % 2 == 0 && bf16_products<Cell, Isa, T>(p.bf16_step, B, H, P);
-  const int64_t K2 = GH / 2;
+  [[maybe_unused]] const bool amx = bf16 && amx_products<Cell, Isa>(B, H, P);
+  const int64_t K2 = bf16_pairs(GH);
   [[maybe_unused]] int32_t* d16 = reinterpret_cast<int32_t*>(drec + Bn * P);
   Buffer<int32_t> w16;
   if (bf16) {
@@ -709,6 +763,7 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
     if constexpr (std::is_same_v<T, float>) {
       w16.resize(std::max<int64_t>(1, (ps + rec_width - 1) / rec_width * K2 * rec_width));
       pack_columns_bf16(p.w_hh, GH, P, p0, ps, rec_width, w16.data);
+      if (amx) amx_begin();
     }
 #endif
   } else if (w_rec.N > 0 && !direct) {
@@ -722,6 +777,13 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
                        T* out) {
 #ifdef FASTRNN_CPU_BF16
     if constexpr (std::is_same_v<T, float>) {
+      if (amx) {
+        if (wide)
+          recurrent_amx<Wide::kNV, V>(w16.data, K2, ps, a16, n, beta, out + p0, P);
+        else
+          recurrent_amx<Gemm::kNV, V>(w16.data, K2, ps, a16, n, beta, out + p0, P);
+        return;
+      }
       if (bf16) {
         if (wide)
           recurrent_bf16<Wide::kMR, Wide::kNV, V>(w16.data, K2, ps, a16, n, beta, out + p0, P);
@@ -940,9 +1002,11 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
       for (int k = 0; k < G; ++k) std::copy(src + k * H + j0, src + k * H + j1, gc + k * H);
 #ifdef FASTRNN_CPU_BF16
       if constexpr (std::is_same_v<T, float>)
-        if (bf16)
+        if (bf16)  // the thread with the last units also writes the zero padding
           for (int k = 0; k < G; ++k)
-            to_bf16_pairs(dgs + i * GH, k * H + j0, k * H + j1, GH, d16 + ((s % 2) * Bn + i) * K2);
+            to_bf16_pairs(dgs + i * GH, k * H + j0,
+                          k == G - 1 && j0 < j1 && j1 == H ? 2 * K2 : k * H + j1, GH,
+                          d16 + ((s % 2) * Bn + i) * K2);
 #endif
       if (Cell::kHasCell && p.zoneout_c)
         for (int64_t j = j0; j < j1; ++j) dc[i * H + j] += dzc[i * H + j];
@@ -985,6 +1049,9 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
       }
   }
 
+#ifdef FASTRNN_CPU_BF16
+  if (amx) amx_end();
+#endif
   team.sync();  // dh of every column is final
   for (int64_t i = 0; i < Bn; ++i) {
     const int64_t b = order[i];
