@@ -31,25 +31,26 @@ def cpu_capabilities():
     - ``autocast_bfloat16``: how a layer runs under ``torch.autocast("cpu", torch.bfloat16)``.
       "bfloat16 GEMMs": the large GEMMs (input projection, dx, weight gradients; from
       2^24 multiply-adds) take bfloat16 operands (oneDNN, through torch), on a CPU with
-      AVX512_BF16 or AMX-BF16;
-      the recurrence stays in float32. Elsewhere "float32", as for float16 autocast.
+      AVX512_BF16 or AMX-BF16; the state and the gate math stay float32, and the recurrent
+      products follow the keys below. Elsewhere "float32", as for float16 autocast.
     - ``bfloat16_recurrent_step``: whether, on those bfloat16 paths, the recurrent product
       h W_hh^T of small batches (the kernels' narrow tiles: at most 3 rows for LSTM and
       RNN, 2 for GRU) with a W_hh of 512 KiB or more in float32 also takes bfloat16
       operands (W_hh and the h fed to it rounded once, float32 sums; cells without
       LayerNorm): on a CPU with AVX512_BF16 running the avx512 kernels. Such a step streams
       half the bytes of W_hh. Larger batches keep a float32 step where it is bound by
-      multiply-adds that bf16 dot products do not speed up. For an even hidden size the
-      backward's recurrent product (gate gradients times W_hh) follows the same rules;
+      multiply-adds that bf16 dot products do not speed up (unless one of the next two
+      keys holds). For an even hidden size the backward's recurrent product (gate
+      gradients times W_hh) follows the same rules;
     - ``bfloat16_recurrent_step_all_batches``: whether larger batches take that bfloat16
       step too, because this CPU's bf16 dot products do at least 1.5 times the multiply-adds
       per second of its float32 FMAs (measured once per process, at the first such step;
       AMD Zen 4: about twice, an LSTM step at B=16..64 1.3-1.5x faster);
     - ``bfloat16_recurrent_step_amx``: whether batches past the narrow tiles take the
-      bfloat16 step on AMX tiles, forward and backward, whatever the size of W_hh (the CPU
-      has AMX-BF16 and the OS grants the process its tile state; Intel Xeon 4th generation
-      and later): a tile instruction does 16 times the multiply-adds of a bf16 dot product
-      vector instruction, so such a step is no longer bound by multiply-adds.
+      bfloat16 step on AMX tiles, forward and backward, for a W_hh of 64 KiB or more in
+      float32 (the CPU has AMX-BF16 and the OS grants the process its tile state; Intel
+      Xeon 4th generation and later): a tile instruction does 16 times the multiply-adds
+      of a bf16 dot product vector instruction.
     """
     from . import _C, ops
 
