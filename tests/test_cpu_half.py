@@ -329,3 +329,38 @@ def test_bf16_recurrent_backward(case, amx):
     # rounding reference is not met to float32 precision, but told apart from the other.
     err, apart = error(want), error(other)
     assert err < 5e-4 and err < apart / 5, (err, apart)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bf16_input_projection(cell, varlen, amx):
+    """An input projection of 2^24 multiply-adds or more takes bfloat16 operands, and the
+    forward reads its bfloat16 product as it came, adding b_ih (ForwardParams::gx16); with
+    lengths, over the valid rows only, placed back at their steps. The result is the
+    rounding reference's (norm-wise, as above) for every row that runs all T steps."""
+    from fastrnn import ops
+
+    if not ops._BF16_DOT:
+        pytest.skip("no bf16 GEMMs on this CPU: the float32 layer runs (test_half_*)")
+    T, B, I, H = 16, 24, 256, 96
+    G = {"lstm": 4, "gru": 3}[cell]
+    assert T * B * I * G * H >= 1 << 24
+    g = torch.Generator().manual_seed(7)
+    u = lambda *s: (torch.rand(*s, generator=g) * 2 - 1) / H ** 0.5  # noqa: E731
+    x, h0 = torch.randn(T, B, I, generator=g), torch.randn(B, H, generator=g)
+    c0 = torch.randn(B, H, generator=g) if cell == "lstm" else None
+    w_ih, w_hh, b_ih, b_hh = u(G * H, I), u(G * H, H), u(G * H), u(G * H)
+    lengths = torch.randint(2, T, (B,), generator=g) if varlen else None
+    if varlen:
+        lengths[::3] = T  # a third runs every step; the rest leave most steps padded
+    d = lambda t: None if t is None else t[None]  # noqa: E731
+    with torch.no_grad():
+        y = ops.forward(cell, x, h0[None], d(c0), w_ih[None], w_hh[None], b_ih[None],
+                        b_hh[None], None, lengths, False, False, None, None, None, None, True)[0]
+    step = takes_bf16_step(cell, B, H, H)
+    full = slice(None) if lengths is None else lengths == T
+    want, other = (rounded_reference(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, s)
+                   for s in (step, not step))
+    err, apart = (((y[:, full].double() - r[:, full]).norm() / r[:, full].norm()).item()
+                  for r in (want, other))
+    assert err < 2e-4 and err < apart / 5, (err, apart)

@@ -14,6 +14,11 @@ struct ForwardParams {
   int64_t T = 0, B = 0, H = 0, P = 0;  // steps, batch, hidden, state size
   int64_t ldgx = 0, ldy = 0;   // row strides of gx (>= G*H) and y (>= P)
   const Scalar* gx = nullptr;       // [T, B, ldgx] x W_ih^T + b_ih, gate-major, first G*H used
+  // CPU bf16 GEMMs, in place of gx: x W_ih^T as its bfloat16 product came ([T, B, ldgx],
+  // the bits), and b_ih ([G*H], or nullptr), added as the kernel reads it: the same values
+  // as gx, without a pass that writes them out in float32 (float32 cells without LayerNorm).
+  const uint16_t* gx16 = nullptr;
+  const Scalar* gx16_bias = nullptr;
   const Scalar* w_hh = nullptr;     // [G*H, P]
   const Scalar* b_hh = nullptr;     // [G*H] or nullptr
   const Scalar* w_hr = nullptr;     // [P, H] LSTM projection or nullptr (then P == H)

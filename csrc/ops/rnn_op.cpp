@@ -44,7 +44,7 @@ at::Tensor valid_rows(const c10::optional<at::Tensor>& lengths, int64_t T, int64
 // Each call wraps the memory in a tensor of its own, so the tensor belongs to the call's
 // mode (an inference tensor under torch.inference_mode, a normal one otherwise).
 // release_scratch() frees the calling thread's blocks (fastrnn.empty_cache()).
-enum Scratch { kGx, kDgx, kDgh, kBf16A, kBf16B, kBf16Product, kBf16Dgx, kScratchSlots };
+enum Scratch { kGx, kGx16, kDgx, kDgh, kBf16A, kBf16B, kBf16Product, kBf16Dgx, kScratchSlots };
 thread_local at::Tensor t_scratch[kScratchSlots];  // the memory only, per slot
 at::Tensor scratch(Scratch slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
   if (opts.device().is_cuda()) return at::empty(shape, opts);
@@ -106,13 +106,21 @@ void widen_out(at::Tensor& out, const at::Tensor& c16, const at::Tensor& bias) {
 // The bfloat16 copies and the product live in scratch memory: fresh blocks of this size
 // cost more in page faults than the copies themselves.
 constexpr int64_t kMinBf16Gemm = int64_t(1) << 24;
+bool takes_bf16(const at::Tensor& a, const at::Tensor& b, bool bf16) {
+  const bool given16 = a.scalar_type() == at::kBFloat16 || b.scalar_type() == at::kBFloat16;
+  return !a.is_cuda() && (given16 || (bf16 && a.size(0) * a.size(1) * b.size(1) >= kMinBf16Gemm));
+}
+// The bfloat16 product a b of those GEMMs, in scratch memory (kBf16Product).
+at::Tensor bf16_product(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor a16 = bf16_operand(a, kBf16A), b16 = bf16_operand(b, kBf16B);
+  at::Tensor c16 = scratch(kBf16Product, {a.size(0), b.size(1)}, a16.options());
+  at::mm_out(c16, a16, b16);
+  return c16;
+}
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {},
                 at::Tensor out = {}, bool bf16 = false) {
-  const bool given16 = a.scalar_type() == at::kBFloat16 || b.scalar_type() == at::kBFloat16;
-  if (!a.is_cuda() && (given16 || (bf16 && a.size(0) * a.size(1) * b.size(1) >= kMinBf16Gemm))) {
-    const at::Tensor a16 = bf16_operand(a, kBf16A), b16 = bf16_operand(b, kBf16B);
-    at::Tensor c16 = scratch(kBf16Product, {a.size(0), b.size(1)}, a16.options());
-    at::mm_out(c16, a16, b16);
+  if (takes_bf16(a, b, bf16)) {
+    const at::Tensor c16 = bf16_product(a, b);
     if (!out.defined()) out = pooled_empty(c16.sizes(), c16.options().dtype(at::kFloat));
     widen_out(out, c16, bias);
     return out;
@@ -229,11 +237,21 @@ ForwardOut forward_op(const std::string& cell, const at::Tensor& x_, const at::T
   const at::Tensor rows = valid_rows(lengths, s.T, s.B);
   const at::Tensor xv = take(x2, rows, 0);
   const at::Tensor bias = opt(b_ih) ? b_ih->reshape({-1}) : at::Tensor();
-  a.gx = scratch(kGx, {s.T * s.B, w_ih2.size(0)}, x.options());
-  if (rows.defined())
-    a.gx.index_copy_(0, rows, gemm(xv, w_ih2.t(), bias, {}, bf16_gemms));
-  else
-    gemm(xv, w_ih2.t(), bias, a.gx, bf16_gemms);
+  if (takes_bf16(xv, w_ih2.t(), bf16_gemms) && x.scalar_type() == at::kFloat) {
+    // The kernel reads the bfloat16 product and adds b_ih itself (ForwardParams::gx16):
+    // the values of widen_out, without writing and reading them back in float32.
+    const at::Tensor c16 = bf16_product(xv, w_ih2.t());
+    a.gx16 = rows.defined()
+                 ? scratch(kGx16, {s.T * s.B, w_ih2.size(0)}, c16.options()).index_copy_(0, rows, c16)
+                 : c16;
+    a.gx16_bias = bias.defined() ? bias.to(at::kFloat).contiguous() : at::Tensor();
+  } else {
+    a.gx = scratch(kGx, {s.T * s.B, w_ih2.size(0)}, x.options());
+    if (rows.defined())
+      a.gx.index_copy_(0, rows, gemm(xv, w_ih2.t(), bias, {}, bf16_gemms));
+    else
+      gemm(xv, w_ih2.t(), bias, a.gx, bf16_gemms);
+  }
   a.w_hh = w_hh.contiguous();
   a.b_hh = contig(b_hh);
   a.w_hr = contig(w_hr);

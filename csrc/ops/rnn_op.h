@@ -88,6 +88,7 @@ struct LoopTensors {
   bool reverse = false;
   at::Tensor gx, w_hh, b_hh, w_hr, h0, c0, lengths, y, h_n, c_n, gates, hprev, cprev, m;
   at::Tensor resets, zoneout_h, zoneout_c, rec_mask;  // optional regularisation and resets
+  at::Tensor gx16, gx16_bias;  // CPU: ForwardParams::gx16, gx16_bias (gx then undefined)
   at::Tensor dy, dh_n, dc_n, dgx, dgh, dh0, dc0, dhtot;  // backward only
   // LayerNorm cells (ln_w defined): LN_hh, LN_c, the saved 1/std; backward's draw, dlnc.
   at::Tensor ln_w, ln_b, lnc_w, lnc_b, gx_w, gx_b, ln_rstd, draw, dlnc;
@@ -133,7 +134,11 @@ ForwardParams<E> forward_params(const LoopTensors& a, int d) {
   ForwardParams<E> p;
   p.T = s.T; p.B = s.B; p.H = s.H; p.P = s.P;
   p.ldgx = s.D * GH; p.ldy = s.D * s.P;
-  p.gx = cptr<T, E>(a.gx) + d * GH;
+  p.gx = a.gx.defined() ? cptr<T, E>(a.gx) + d * GH : nullptr;
+  if (a.gx16.defined()) {
+    p.gx16 = reinterpret_cast<const uint16_t*>(a.gx16.data_ptr<at::BFloat16>()) + d * GH;
+    p.gx16_bias = a.gx16_bias.defined() ? cptr<T, E>(a.gx16_bias) + d * GH : nullptr;
+  }
   p.w_hh = cptr_d<T, E>(a.w_hh, d); p.b_hh = cptr_d<T, E>(a.b_hh, d);
   p.w_hr = cptr_d<T, E>(a.w_hr, d); p.h0 = cptr_d<T, E>(a.h0, d); p.c0 = cptr_d<T, E>(a.c0, d);
   p.lengths = lengths_ptr(a.lengths); p.reverse = a.reverse != (d == 1);

@@ -189,6 +189,22 @@ struct StepIo {
   bool save, proj;
 };
 
+// The input part of gate values [q, q + n) (n <= L) of flat row `row`: gx, or the bfloat16
+// product gx16 widened plus gx16_bias.
+template <class V, class T>
+FASTRNN_INLINE V input_part(const ForwardParams<T>& p, int64_t row, int64_t q, int n) {
+  constexpr int L = V::kLanes;
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.gx16) {
+      const V v = load_bf16<L>(p.gx16 + row * p.ldgx + q, n);
+      if (!p.gx16_bias) return v;
+      return v + (n == L ? V::load(p.gx16_bias + q) : V::load(p.gx16_bias + q, n));
+    }
+  }
+  const T* x = p.gx + row * p.ldgx + q;
+  return n == L ? V::load(x) : V::load(x, n);
+}
+
 // One fused tile: rows [i0, i0 + MR) x all G gates of units [u0, u0 + nu) (nu <= NB*L).
 // product(acc) accumulates h W_hh^T of those rows and units in registers (from one panel of
 // pack_gates, or of pack_gates_bf16); the gate math then runs on the accumulators and
@@ -216,17 +232,21 @@ FASTRNN_INLINE void fused_tile(const ForwardParams<T>& p, const StepIo<T>& io, i
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const int64_t i = i0 + r, bi = io.order[i], row = io.row0 + bi;
-      const T* x = p.gx + row * p.ldgx + ub;
       V xg[G], hg[G], sv[S], h, c(T(0));
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
-        xg[g] = load(x + g * H);
+        xg[g] = input_part<V>(p, row, g * H + ub, n);
         hg[g] = acc[r][b * G + g] + load(io.bias + g * H + ub);
       }
       if (io.next0 >= 0) {  // the same units of the next step's input projection, from memory
-        const T* xn = p.gx + (io.next0 + bi) * p.ldgx + ub;
+        const int64_t q = (io.next0 + bi) * p.ldgx + ub;
 #pragma GCC unroll 4
-        for (int g = 0; g < G; ++g) __builtin_prefetch(xn + g * H);
+        for (int g = 0; g < G; ++g) {
+          if (p.gx16)
+            __builtin_prefetch(p.gx16 + q + g * H);
+          else
+            __builtin_prefetch(p.gx + q + g * H);
+        }
       }
       const V hp = Cell::kUsesPrevH ? load(io.hin + i * P + ub) : V(T(0));
       const V cp = Cell::kHasCell ? load(io.cin + i * H + ub) : V(T(0));

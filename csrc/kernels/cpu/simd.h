@@ -35,6 +35,8 @@ FASTRNN_RAW_VEC(float, 16) FASTRNN_RAW_VEC(float, 32) FASTRNN_RAW_VEC(float, 64)
 FASTRNN_RAW_VEC(double, 16) FASTRNN_RAW_VEC(double, 32) FASTRNN_RAW_VEC(double, 64)
 FASTRNN_RAW_VEC(int32_t, 16) FASTRNN_RAW_VEC(int32_t, 32) FASTRNN_RAW_VEC(int32_t, 64)
 FASTRNN_RAW_VEC(int64_t, 16) FASTRNN_RAW_VEC(int64_t, 32) FASTRNN_RAW_VEC(int64_t, 64)
+FASTRNN_RAW_VEC(uint32_t, 16) FASTRNN_RAW_VEC(uint32_t, 32) FASTRNN_RAW_VEC(uint32_t, 64)
+FASTRNN_RAW_VEC(uint16_t, 8) FASTRNN_RAW_VEC(uint16_t, 16) FASTRNN_RAW_VEC(uint16_t, 32)
 #undef FASTRNN_RAW_VEC
 
 template <class T, int N>
@@ -150,6 +152,28 @@ FASTRNN_INLINE Vec<float, N> copysign_bits(Vec<float, N> mag, Vec<float, N> sign
   using V = Vec<float, N>;
   using I = typename V::RawInt;
   return V::of((typename V::Raw)(((I)mag.v & 0x7fffffff) | ((I)sign.v & (int32_t)0x80000000)));
+}
+
+// Float lanes from n (<= N) bfloat16 values (their bits) at p, the rest zero; bfloat16 is
+// the top half of a float32, so each widens exactly.
+template <int N>
+FASTRNN_INLINE Vec<float, N> load_bf16(const uint16_t* p, int n = N) {
+  using V = Vec<float, N>;
+  using U16 = typename RawVec<uint16_t, 2 * N>::type;
+  using U32 = typename RawVec<uint32_t, 4 * N>::type;
+  if (n == N) {
+    U16 half;
+    std::memcpy(&half, p, sizeof(half));
+    return V::of((typename V::Raw)(__builtin_convertvector(half, U32) << 16));
+  }
+  V r(0.0f);
+  for (int i = 0; i < n && i < N; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    r.v[i] = f;
+  }
+  return r;
 }
 
 // exp and tanh on float lanes: the same algorithms as cells.h's scalar exp_poly and
