@@ -31,7 +31,7 @@ namespace cpu {
 inline namespace FASTRNN_CPU_ISA {
 
 // Whether this process may run tile instructions: the CPU has AMX-BF16 and the OS gave the
-// process the tile state (asked once; Linux 5.16+ asks for it per process).
+// process the tile state (asked once; Linux 5.16+ grants it per process, on request).
 inline bool amx_granted() {
   static const bool on = [] {
     const std::vector<std::string> f = cpu_features();
