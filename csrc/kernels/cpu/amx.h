@@ -34,8 +34,7 @@ inline namespace FASTRNN_CPU_ISA {
 // process the tile state (asked once; Linux 5.16+ grants it per process, on request).
 inline bool amx_granted() {
   static const bool on = [] {
-    const std::vector<std::string> f = cpu_features();
-    if (std::find(f.begin(), f.end(), "amx_bf16") == f.end()) return false;
+    if (!cpu_has("amx_bf16")) return false;
 #if defined(__linux__) && defined(SYS_arch_prctl)
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;

@@ -31,10 +31,7 @@ inline namespace FASTRNN_CPU_ISA {
 
 // Whether this CPU has AVX512_BF16 (its CPUID flags, read once).
 inline bool has_bf16_dot() {
-  static const bool on = [] {
-    const std::vector<std::string> f = cpu_features();
-    return std::find(f.begin(), f.end(), "avx512_bf16") != f.end();
-  }();
+  static const bool on = cpu_has("avx512_bf16");
   return on;
 }
 
@@ -151,10 +148,12 @@ __attribute__((target("avx512bf16"), noinline)) void tile_acc_bf16(int64_t K2, c
 // out[i, c] (+)= sum over k of a[i, k] * b[k, c] for rows [0, n), columns [0, nc): a as
 // pairs [n, K2] (row stride K2), b as pack_columns_bf16's panels of NV * 16 columns
 // ([ceil(nc / (NV * 16))][K2][NV * 16] pairs), out [n, ldo]; beta 0 (write) or 1 (add).
-// Each panel streams from L2 through row tiles of MR rows.
+// Only the first `pairs` (<= K2) pairs of a row are summed: the rest is bf16_pairs' zero
+// padding, which only the AMX tiles need. Each panel streams from L2 through row tiles of
+// MR rows.
 template <int MR, int NV, class V>
-void recurrent_bf16(const int32_t* panels, int64_t K2, int64_t nc, const int32_t* a, int64_t n,
-                    float beta, float* out, int64_t ldo) {
+void recurrent_bf16(const int32_t* panels, int64_t K2, int64_t pairs, int64_t nc,
+                    const int32_t* a, int64_t n, float beta, float* out, int64_t ldo) {
   constexpr int W = NV * 16;
   for (int64_t c0 = 0; c0 < nc; c0 += W) {
     const int32_t* panel = panels + c0 * K2;  // panel c0 / W
@@ -165,7 +164,7 @@ void recurrent_bf16(const int32_t* panels, int64_t K2, int64_t nc, const int32_t
       for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
         for (int v = 0; v < NV; ++v) acc[r][v] = V(0.f);
-      tile_acc_bf16<R, NV>(K2, a + i0 * K2, K2, panel, acc);
+      tile_acc_bf16<R, NV>(pairs, a + i0 * K2, K2, panel, acc);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16

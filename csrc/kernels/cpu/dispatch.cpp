@@ -1,4 +1,5 @@
 // Picks the CPU kernels from the CPU's feature flags (CPUID), never from its vendor.
+#include <algorithm>
 #include <atomic>
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -85,6 +86,11 @@ std::vector<std::string> cpu_features() {
   if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1)) out.push_back("amx_bf16");
 #endif
   return out;
+}
+
+bool cpu_has(const std::string& name) {
+  const std::vector<std::string> f = cpu_features();
+  return std::find(f.begin(), f.end(), name) != f.end();
 }
 
 bool set_kernels(const std::string& name) {

@@ -97,6 +97,8 @@ std::vector<std::string> supported_kernels();
 // "avx512_bf16", "amx_bf16" (hardware flags; whether the OS lets a process use AMX is
 // another question).
 std::vector<std::string> cpu_features();
+// Whether cpu_features() has `name` (read once per call of cpu_features; callers keep it).
+bool cpu_has(const std::string& name);
 // Use the named table from now on (testing and benchmarking); false if unsupported.
 bool set_kernels(const std::string& name);
 // Whether the bf16 recurrent products may use AMX tiles where the CPU and OS have them

@@ -644,7 +644,7 @@ void forward_team(const ForwardParams<T>& p, const Schedule& sched, T* ws, const
           for_tiles(n, [&](auto rows, auto nb, int64_t i0, int64_t u, int64_t u0, int64_t nu) {
             constexpr int R = decltype(rows)::value, NV = decltype(nb)::value * G;
             fused_tile<Cell, R, decltype(nb)::value, V>(p, io, i0, u0, nu, [&](V (&acc)[R][NV]) {
-              tile_acc_bf16<R, NV>(K2, hb + ((s % 2) * Bn + i0) * K2, K2,
+              tile_acc_bf16<R, NV>((P + 1) / 2, hb + ((s % 2) * Bn + i0) * K2, K2,
                                    w16.data + u * K2 * G * width, acc);
             });
           });
@@ -806,9 +806,11 @@ void backward_team(const BackwardParams<T>& p, const Schedule& sched, T* ws, con
       }
       if (bf16) {
         if (wide)
-          recurrent_bf16<Wide::kMR, Wide::kNV, V>(w16.data, K2, ps, a16, n, beta, out + p0, P);
+          recurrent_bf16<Wide::kMR, Wide::kNV, V>(w16.data, K2, GH / 2, ps, a16, n, beta,
+                                                  out + p0, P);
         else
-          recurrent_bf16<Gemm::kMR, Gemm::kNV, V>(w16.data, K2, ps, a16, n, beta, out + p0, P);
+          recurrent_bf16<Gemm::kMR, Gemm::kNV, V>(w16.data, K2, GH / 2, ps, a16, n, beta,
+                                                  out + p0, P);
         return;
       }
     }
